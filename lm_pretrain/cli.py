@@ -1,0 +1,120 @@
+"""The `lmp` command: thin wrappers that parse arguments, call one function per verb, print."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from lm_pretrain.errors import LmpError
+
+app = typer.Typer(
+    help="lmp: pretrain small language models from a YAML recipe.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Corpus, tokenizer and token shards.", no_args_is_help=True)
+recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(recipe_app, name="recipe")
+
+console = Console()
+err_console = Console(stderr=True)
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override a recipe field, e.g. --set train.max_steps=100 (repeatable)"),
+]
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print an LmpError as one readable message and exit 2, never as a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LmpError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            sys.exit(2)
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def train(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option(help="run folder (default runs/<recipe name>)")] = None,
+) -> None:
+    """Train a model: corpus -> tokenizer -> shards -> model -> checkpoints -> final export.
+
+    A run folder that already holds checkpoints is resumed from the newest one.
+    """
+    from lm_pretrain.recipe import load_recipe
+    from lm_pretrain.train.trainer import train as run_training
+
+    loaded = load_recipe(recipe, set_)
+    run_dir = out or Path("runs") / loaded.name
+    result = run_training(loaded, run_dir, console=console)
+    first = f"{result.first_val_loss:.4f}" if result.first_val_loss is not None else "n/a (resumed)"
+    console.print(
+        f"\n[bold green]done[/] in {result.seconds / 60:.1f} min: {result.steps} steps, "
+        f"{result.tokens / 1e6:.2f}M tokens\n"
+        f"validation loss {first} -> {result.final_val_loss:.4f} nats/token "
+        f"(unigram entropy of the training tokens: {result.unigram_entropy:.4f})\n"
+        f"model: {run_dir / 'final'}  (try: lmp generate {run_dir / 'final'} --prompt 'And God said')",
+        highlight=False,
+    )
+
+
+@data_app.command("prepare")
+@user_errors
+def data_prepare(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Read the corpus, train or load the tokenizer and write the token shards (cached)."""
+    from lm_pretrain.data.prepare import prepare_data
+    from lm_pretrain.recipe import load_recipe
+
+    data = prepare_data(load_recipe(recipe, set_), console=console)
+    console.print(
+        f"train {data.train.n_tokens:,} tokens, validation {data.val.n_tokens:,} tokens; "
+        f"cache {data.cache_dir}",
+        highlight=False,
+    )
+
+
+@recipe_app.command("show")
+@user_errors
+def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Print the fully resolved recipe (extends and --set applied, defaults filled in)."""
+    from lm_pretrain.recipe import load_recipe
+
+    print(load_recipe(recipe, set_).to_yaml(), end="")
+
+
+@app.command()
+@user_errors
+def generate(
+    model: Annotated[Path, typer.Argument(help="a run folder, checkpoint, or exported model folder")],
+    prompt: Annotated[str, typer.Option(help="text to continue")] = "",
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy")] = 0.8,
+    top_k: Annotated[int, typer.Option(min=1)] = 50,
+    seed: int = 0,
+) -> None:
+    """Sample a continuation of a prompt."""
+    from lm_pretrain.generate import generate as sample
+
+    console.print(sample(model, prompt, max_new_tokens, temperature, top_k, seed), highlight=False)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,86 @@
+"""Packed training windows: deterministic, shuffled per epoch, resumable in constant time.
+
+The train tokens are one stream (each document is BOS + text + EOS). An epoch cuts it into
+windows of seq_len + 1 tokens, starting at a per-epoch random offset so that window
+boundaries move between epochs, and visits them in a per-epoch random order. Sample g of the
+run is therefore a pure function of (seed, g): resuming needs only the count of samples
+consumed, never a replay of earlier batches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lm_pretrain.errors import LmpError
+
+IGNORE_INDEX = -100
+
+
+class PackedWindows:
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, bos_token_id: int) -> None:
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.seed = seed
+        self.bos_token_id = bos_token_id
+        # leave room for the largest epoch offset so every epoch has the same window count
+        self.windows_per_epoch = (len(tokens) - 1 - seq_len) // seq_len
+        if self.windows_per_epoch < 1:
+            raise LmpError(
+                f"the training split has {len(tokens)} tokens, too few for even two windows of "
+                f"seq_len {seq_len}; use a larger corpus or a smaller train.seq_len"
+            )
+        self._epoch = -1
+        self._order = np.empty(0, dtype=np.int64)
+        self._offset = 0
+
+    def _set_epoch(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._offset = int(rng.integers(self.seq_len))
+            self._order = rng.permutation(self.windows_per_epoch)
+            self._epoch = epoch
+
+    def window(self, sample: int) -> np.ndarray:
+        """The seq_len + 1 tokens of global sample number `sample`."""
+        epoch, index = divmod(sample, self.windows_per_epoch)
+        self._set_epoch(epoch)
+        start = self._offset + int(self._order[index]) * self.seq_len
+        return self.tokens[start : start + self.seq_len + 1]
+
+    def batch(self, first_sample: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and aligned targets for samples first_sample .. first_sample + size - 1."""
+        rows = np.stack([self.window(first_sample + i) for i in range(size)]).astype(np.int64)
+        return split_inputs_targets(torch.from_numpy(rows), self.bos_token_id)
+
+    def epoch_of(self, samples_done: int) -> float:
+        return samples_done / self.windows_per_epoch
+
+
+def split_inputs_targets(rows: torch.Tensor, bos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of seq_len + 1 tokens -> (inputs, next-token targets).
+
+    A BOS target is never trained: BOS only ever starts a document, so predicting it would
+    teach nothing the model uses and would flatter the loss.
+    """
+    inputs = rows[:, :-1].contiguous()
+    targets = rows[:, 1:].clone()
+    targets[targets == bos_token_id] = IGNORE_INDEX
+    return inputs, targets
+
+
+def validation_batches(
+    tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int, bos_token_id: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed consecutive windows from the start of the validation split, the same at every eval."""
+    count = min(max(1, max_tokens // seq_len), (len(tokens) - 1) // seq_len)
+    if count < 1:
+        raise LmpError(
+            f"the validation split has {len(tokens)} tokens, fewer than one window of seq_len "
+            f"{seq_len}; raise data.validation_fraction or lower train.seq_len"
+        )
+    rows = np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in range(count)])
+    rows_t = torch.from_numpy(rows.astype(np.int64))
+    return [
+        split_inputs_targets(rows_t[i : i + batch_size], bos_token_id) for i in range(0, count, batch_size)
+    ]

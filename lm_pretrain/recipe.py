@@ -1,0 +1,245 @@
+"""Recipes: the typed schema, YAML loading with `extends`, `--set` overrides, readable errors.
+
+Every recipe field is validated here and nowhere else. A recipe is frozen once loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lm_pretrain.errors import LmpError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    path: str = Field("builtin:demo", description="folder of .txt files, a .jsonl file, or builtin:demo")
+    format: Literal["auto", "text", "jsonl"] = "auto"
+    text_field: str = Field("text", description="jsonl: the field holding a document's text")
+    source_field: str | None = Field(None, description="jsonl: the field naming a document's source")
+    validation_fraction: float = Field(0.01, ge=0.0, lt=0.5)
+    cache_dir: str | None = Field(None, description="token shard cache; default $LMP_CACHE or ~/.cache/lmp")
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(8192, ge=300, le=1_000_000)
+    path: str | None = Field(None, description="an existing tokenizer.json (or a folder holding one) to reuse")
+    min_frequency: int = Field(2, ge=1)
+    bos_token: str = "<s>"
+    eos_token: str = "</s>"
+    pad_token: str = "<pad>"
+    mask_token: str = "<mask>"
+
+
+class ModelConfig(Section):
+    hidden_size: int = Field(256, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int | None = Field(None, ge=1, description="grouped-query attention; default num_heads")
+    intermediate_size: int | None = Field(None, ge=1, description="SwiGLU width; default about 8/3 hidden")
+    max_seq_len: int = Field(256, ge=8)
+    tie_embeddings: bool = True
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}"
+            )
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(f"num_heads {self.num_heads} must be divisible by num_kv_heads {kv}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("head size (hidden_size / num_heads) must be even for rotary embeddings")
+        return self
+
+
+class OptimConfig(Section):
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null disables clipping")
+
+
+class ScheduleConfig(Section):
+    kind: Literal["constant", "cosine", "wsd"] = "wsd"
+    warmup: float = Field(0.05, ge=0, description="fraction of training if < 1, else steps")
+    decay: float = Field(0.2, ge=0, description="wsd: fraction of training if < 1, else steps")
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(16, ge=1, description="sequences per optimizer step, across all processes")
+    micro_batch_size: int | None = Field(None, ge=1, description="per process and forward pass")
+    seq_len: int | None = Field(None, ge=8, description="training sequence length; default model.max_seq_len")
+    max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    compile: bool = False
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(100, ge=1)
+    eval_tokens: int = Field(65536, ge=1, description="validation tokens scored at each evaluation")
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default all cores")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainConfig:
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError("set exactly one of train.max_steps and train.max_tokens")
+        return self
+
+
+class CheckpointConfig(Section):
+    every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
+    keep_last: int = Field(3, ge=1)
+
+
+class TrackingConfig(Section):
+    wandb: Literal["off", "offline", "online"] = "off"
+    wandb_project: str = "lmp"
+    tensorboard: bool = False
+
+
+class Recipe(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig(max_steps=400)
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _fits(self) -> Recipe:
+        if self.train.seq_len is not None and self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len {self.train.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}"
+            )
+        micro = self.train.micro_batch_size
+        if micro is not None and self.train.batch_size % micro:
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} must be a multiple of "
+                f"train.micro_batch_size {micro}"
+            )
+        return self
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.max_seq_len
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in chain:
+        raise LmpError(f"recipe {path} extends itself (chain: {' -> '.join(map(str, chain))})")
+    if not path.is_file():
+        raise LmpError(f"recipe file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise LmpError(f"recipe {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise LmpError(f"recipe {path} must be a mapping of fields, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise LmpError(f"{path}: extends must be a path to another recipe, got {parent!r}")
+    base = _read_yaml(path.parent / parent, chain + (path,))
+    return _deep_merge(base, raw)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_steps=100` -> (["train", "max_steps"], 100); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise LmpError(f"--set {text!r}: expected key.path=value, e.g. --set train.max_steps=100")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    out = dict(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for key in keys[:-1]:
+            child = node.get(key)
+            node[key] = dict(child) if isinstance(child, dict) else {}
+            node = node[key]
+        node[keys[-1]] = value
+    return out
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The field names allowed at a location of the schema, for 'did you mean' hints."""
+    model: Any = Recipe
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            break
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if isinstance(p, str))
+        path = ".".join(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _fields_at(loc[:-1])
+            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            hint = f" - did you mean '{close[0]}'?" if close else ""
+            lines.append(f"  {path}: unknown field{hint} (allowed here: {', '.join(allowed)})")
+        elif e["type"] == "value_error":
+            lines.append(f"  {path}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {path}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate_recipe(raw: dict, source: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise LmpError(_format_errors(err, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    raw = _read_yaml(Path(path))
+    raw = apply_overrides(raw, overrides or [])
+    return validate_recipe(raw, str(path))

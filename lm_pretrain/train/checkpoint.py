@@ -1,0 +1,144 @@
+"""Checkpoints: one format for everything.
+
+A checkpoint folder is a transformers-loadable model folder (config.json, model.safetensors,
+tokenizer files) plus the training state beside it (optimizer.pt, scheduler.pt, rng-<rank>.pt,
+trainer_state.json). So `lmp generate`, `lmp eval` and transformers all read any checkpoint,
+and resume reads the same folder. Folders are written under a temporary name, fsynced and
+renamed, so a kill during a save never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lm_pretrain.errors import LmpError
+from lm_pretrain.model.decoder import Decoder
+from lm_pretrain.model.export import save_model
+
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_model_folder(model: Decoder, tokenizer_dir: Path, out: Path, extra: dict[str, Any]) -> None:
+    """A transformers-loadable folder: weights, config, tokenizer files and lmp.json provenance."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, out)
+    for item in tokenizer_dir.iterdir():
+        shutil.copy2(item, out / item.name)
+    (out / "lmp.json").write_text(json.dumps(extra, indent=2) + "\n")
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Atomically move a finished folder into place, replacing an older one of the same name."""
+    _fsync_tree(tmp)
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete step checkpoints of a run, oldest first (temporary folders are ignored)."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
+
+
+def save_checkpoint(
+    run_dir: Path,
+    model: Decoder,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    tokenizer_dir: Path,
+    state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write checkpoints/step-<N>/ atomically and prune all but the newest `keep_last`."""
+    folder = run_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{state['step']}"
+    tmp = folder / f".tmp-step-{state['step']}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_model_folder(model, tokenizer_dir, tmp, {"kind": "checkpoint", **state})
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng-0.pt")
+    # trainer_state.json last: its presence is what marks a checkpoint as complete
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    publish(tmp, final)
+    for old in step_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(
+    path: Path,
+    model: Decoder,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG from a checkpoint; return its trainer state."""
+    from safetensors.torch import load_file
+
+    missing = [n for n in (STATE_FILE, "model.safetensors", "optimizer.pt", "scheduler.pt") if not (path / n).is_file()]
+    if missing:
+        raise LmpError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); delete it to resume from an earlier one")
+    weights = load_file(path / "model.safetensors")
+    if model.config.tie_embeddings and "lm_head.weight" not in weights:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise LmpError(f"checkpoint {path} does not fit this recipe's model: {exc}") from None
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    if (path / "rng-0.pt").is_file():
+        set_rng_state(torch.load(path / "rng-0.pt", weights_only=False))
+    return json.loads((path / STATE_FILE).read_text())

@@ -1,0 +1,99 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from lm_pretrain.cli import app
+from lm_pretrain.errors import LmpError
+from lm_pretrain.recipe import load_recipe, validate_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_shipped_recipes_validate():
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        assert load_recipe(path).name
+
+
+def test_typo_names_path_and_close_match():
+    with pytest.raises(LmpError) as exc:
+        validate_recipe({"name": "x", "train": {"max_step": 10}})
+    msg = str(exc.value)
+    assert "train.max_step" in msg
+    assert "did you mean 'max_steps'" in msg
+
+
+def test_top_level_typo():
+    with pytest.raises(LmpError, match="did you mean 'model'"):
+        validate_recipe({"name": "x", "modle": {}})
+
+
+def test_wrong_type_names_value():
+    with pytest.raises(LmpError) as exc:
+        validate_recipe({"name": "x", "model": {"hidden_size": "big"}})
+    assert "model.hidden_size" in str(exc.value)
+    assert "'big'" in str(exc.value)
+
+
+def test_out_of_range_and_bad_choice():
+    with pytest.raises(LmpError, match="data.validation_fraction"):
+        validate_recipe({"name": "x", "data": {"validation_fraction": 0.9}})
+    with pytest.raises(LmpError) as exc:
+        validate_recipe({"name": "x", "schedule": {"kind": "linear-ish"}})
+    assert "schedule.kind" in str(exc.value) and "'wsd'" in str(exc.value)
+
+
+def test_cross_field_rules():
+    with pytest.raises(LmpError, match="divisible by num_heads"):
+        validate_recipe({"name": "x", "model": {"hidden_size": 100, "num_heads": 3}})
+    with pytest.raises(LmpError, match="exactly one of"):
+        validate_recipe({"name": "x", "train": {"max_steps": 5, "max_tokens": 100}})
+
+
+def test_extends_and_typed_overrides(tmp_path):
+    write(tmp_path / "base.yaml", {"name": "base", "model": {"hidden_size": 128, "num_layers": 2}})
+    child = write(tmp_path / "child.yaml", {"extends": "base.yaml", "name": "child", "model": {"num_layers": 3}})
+    recipe = load_recipe(child, ["optim.lr=1e-3", "train.max_steps=7", "tokenizer.path=null"])
+    assert recipe.name == "child"
+    assert recipe.model.hidden_size == 128  # inherited
+    assert recipe.model.num_layers == 3  # overridden by the child
+    assert recipe.optim.lr == pytest.approx(1e-3)
+    assert recipe.train.max_steps == 7
+
+
+def test_extends_cycle_and_missing(tmp_path):
+    write(tmp_path / "a.yaml", {"extends": "b.yaml", "name": "a"})
+    write(tmp_path / "b.yaml", {"extends": "a.yaml", "name": "b"})
+    with pytest.raises(LmpError, match="extends itself"):
+        load_recipe(tmp_path / "a.yaml")
+    with pytest.raises(LmpError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_bad_override_syntax(tmp_path):
+    path = write(tmp_path / "r.yaml", {"name": "r"})
+    with pytest.raises(LmpError, match="key.path=value"):
+        load_recipe(path, ["train.max_steps"])
+
+
+def test_cli_prints_error_without_traceback(tmp_path):
+    path = write(tmp_path / "r.yaml", {"name": "r", "optim": {"lr": -1}})
+    result = CliRunner().invoke(app, ["recipe", "show", str(path)])
+    assert result.exit_code == 2
+    assert "optim.lr" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_recipe_show_resolves(tmp_path):
+    path = write(tmp_path / "r.yaml", {"name": "r"})
+    result = CliRunner().invoke(app, ["recipe", "show", str(path), "--set", "model.num_layers=9"])
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    assert shown["model"]["num_layers"] == 9
+    assert shown["schedule"]["kind"] == "wsd"  # defaults are filled in
