@@ -36,7 +36,10 @@ def generate(
 ) -> str:
     """Sample a continuation of `prompt` with transformers' generate (offline, local files only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # keep stdout to the generated text alone
+    hf_logging.set_verbosity_error()
     folder = resolve_model_folder(model_path)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()

@@ -1,0 +1,217 @@
+"""Read a corpus into documents, split it into train/validation, count words, fingerprint it.
+
+Accepted corpora (recipe field `data.path`):
+
+* `builtin:demo` - English text shipped by installed packages (see `builtin.py`).
+* a folder of text files (or a single text file). Every non-hidden file under the folder is read,
+  recursively, in sorted path order; each file's source is its name without the suffix, so
+  `train/childes.train` and `dev/childes.dev` are both source `childes`. Documents inside a file:
+    - if the file contains two or more consecutive blank lines, those separate documents
+      (one blank line is a paragraph break inside a document);
+    - otherwise the whole file is one document;
+    - a document longer than `CHUNK_LINES` lines is cut into consecutive chunks of that many
+      lines. Line-per-utterance corpora (BabyLM, subtitles) have no document markup at all, and
+      chunking gives the validation split and the BOS/EOS boundaries a useful granularity.
+* a `.jsonl` file (or `.jsonl.gz`, or a folder of them): one JSON object per line with the text in
+  `data.text_field` and optionally the source name in `data.source_field` (default: the file's
+  name). Other string, number and boolean fields are kept as `Document.meta`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lm_pretrain.errors import LmpError
+from lm_pretrain.recipe import DataConfig
+
+CHUNK_LINES = 200
+ACCEPTED = "a folder of text files, a .jsonl file, or builtin:demo"
+_DOC_BREAK = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")  # two or more blank lines
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    source: str
+    # meta does not take part in equality or hashing (dicts are unhashable)
+    meta: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+
+def read_corpus(cfg: DataConfig) -> list[Document]:
+    """All documents of the corpus named by `cfg.path`, in a deterministic order."""
+    if cfg.path.startswith("builtin:"):
+        if cfg.path != "builtin:demo":
+            raise LmpError(f"data.path {cfg.path!r}: unknown built-in corpus; the only one is builtin:demo")
+        from lm_pretrain.data.builtin import demo_documents
+
+        return demo_documents()
+
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise LmpError(f"data.path {path} does not exist; expected {ACCEPTED}")
+    fmt = cfg.format
+    files = _list_files(path)
+    if fmt == "auto":
+        fmt = "jsonl" if all(_is_jsonl(f) for f in files) else "text"
+    if fmt == "jsonl":
+        docs = [doc for f in files for doc in _read_jsonl(f, cfg)]
+    else:
+        docs = [doc for f in files for doc in _read_text_file(f)]
+    if not docs:
+        raise LmpError(f"data.path {path}: the corpus has no documents (all files are empty)")
+    return docs
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.name.endswith((".jsonl", ".jsonl.gz"))
+
+
+def _list_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise LmpError(f"data.path {path} is an empty folder; expected {ACCEPTED}")
+    return files
+
+
+def _source_name(path: Path) -> str:
+    name = path.name.removesuffix(".gz")
+    return name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+
+
+def _read_text_file(path: Path) -> list[Document]:
+    try:
+        with _open_text(path) as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise LmpError(
+            f"{path} is not UTF-8 text; remove it from the data folder or convert it to UTF-8"
+        ) from None
+    source = _source_name(path)
+    blocks = _DOC_BREAK.split(text) if _DOC_BREAK.search(text) else [text]
+    docs = []
+    for block in blocks:
+        lines = block.strip("\n").split("\n")
+        for start in range(0, len(lines), CHUNK_LINES):
+            chunk = "\n".join(lines[start : start + CHUNK_LINES]).strip()
+            if chunk:
+                docs.append(Document(chunk, source))
+    return docs
+
+
+def _open_text(path: Path):
+    # newline=None turns \r\n into \n so Windows files tokenize like Unix ones
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", newline=None)
+    return open(path, encoding="utf-8", newline=None)
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    try:
+        with _open_text(path) as f:
+            yield from enumerate(f, start=1)
+    except UnicodeDecodeError:
+        raise LmpError(f"{path} is not UTF-8 text; a .jsonl corpus must be UTF-8") from None
+
+
+def _read_jsonl(path: Path, cfg: DataConfig) -> list[Document]:
+    default_source = _source_name(path)
+    docs = []
+    for lineno, line in _jsonl_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LmpError(
+                f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one object"
+            ) from None
+        if not isinstance(obj, dict):
+            raise LmpError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        if cfg.text_field not in obj:
+            raise LmpError(
+                f"{path}:{lineno}: no text field {cfg.text_field!r} "
+                f"(keys found: {', '.join(obj) or 'none'}); "
+                f"set the recipe field data.text_field to the key that holds the text"
+            )
+        text = obj[cfg.text_field]
+        if not isinstance(text, str):
+            raise LmpError(
+                f"{path}:{lineno}: field {cfg.text_field!r} must be a string, got {type(text).__name__}"
+            )
+        source = default_source
+        if cfg.source_field is not None:
+            if cfg.source_field not in obj:
+                raise LmpError(
+                    f"{path}:{lineno}: no source field {cfg.source_field!r} (keys found: {', '.join(obj)}); "
+                    f"fix data.source_field or set it to null to name sources after the file"
+                )
+            source = str(obj[cfg.source_field])
+        meta = {
+            k: str(v)
+            for k, v in obj.items()
+            if k not in (cfg.text_field, cfg.source_field) and isinstance(v, (str, int, float, bool))
+        }
+        text = text.strip()
+        if text:
+            docs.append(Document(text, source, meta))
+    return docs
+
+
+def _doc_key(doc: Document) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(doc.source.encode())
+    h.update(b"\0")
+    h.update(doc.text.encode())
+    return h.digest()
+
+
+def split_documents(
+    docs: list[Document], validation_fraction: float
+) -> tuple[list[Document], list[Document]]:
+    """(train, validation). Membership depends only on each document's (source, text), never on
+    the input order or a seed, so the split is stable as a corpus grows. Both keep the input order."""
+    n = len(docs)
+    # at least one validation document when asked for any, and never the whole corpus
+    n_val = min(math.ceil(validation_fraction * n), max(n - 1, 0))
+    keys = [_doc_key(d) for d in docs]
+    order = sorted(range(n), key=keys.__getitem__)
+    chosen = set(order[:n_val])
+    # exact duplicates share a key: keep them all on the validation side so none leaks into train
+    if n_val:
+        last = keys[order[n_val - 1]]
+        chosen.update(i for i in order[n_val:] if keys[i] == last)
+    train = [d for i, d in enumerate(docs) if i not in chosen]
+    val = [d for i, d in enumerate(docs) if i in chosen]
+    return train, val
+
+
+def word_counts(docs: list[Document]) -> dict[str, int]:
+    """Words per source, sorted by source name; a word is a whitespace-separated piece (BabyLM rule)."""
+    counts: dict[str, int] = {}
+    for doc in docs:
+        counts[doc.source] = counts.get(doc.source, 0) + len(doc.text.split())
+    return dict(sorted(counts.items()))
+
+
+def corpus_fingerprint(docs: list[Document]) -> str:
+    """A hash of every document's source and text, in order; length prefixes keep boundaries distinct."""
+    h = hashlib.blake2b(digest_size=16)
+    for doc in docs:
+        for part in (doc.source, doc.text):
+            raw = part.encode()
+            h.update(len(raw).to_bytes(8, "little"))
+            h.update(raw)
+    return h.hexdigest()

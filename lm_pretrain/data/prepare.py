@@ -1,0 +1,211 @@
+"""`prepare_data(recipe)`: corpus -> split -> tokenizer -> token shards, each cached on disk.
+
+Cache root: recipe `data.cache_dir`, else $LMP_CACHE, else ~/.cache/lmp. Under it:
+
+    tokenizers/<key>/tokenizer.json   key: hash of the train split and the tokenizer config
+                                      (or of the given tokenizer file when tokenizer.path is set)
+    shards/<key>/                     key: hash of the corpus, the validation fraction, the
+                                      tokenizer.json bytes and the shard format version
+
+Both are built in a temporary sibling folder and renamed into place, so a killed prepare never
+leaves a folder that looks finished; two processes preparing at once both succeed (the second
+rename loses and its copy is dropped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from tokenizers import Tokenizer
+
+from lm_pretrain.data.corpus import Document, corpus_fingerprint, read_corpus, split_documents, word_counts
+from lm_pretrain.data.shards import FORMAT_VERSION, META, TokenShard, build_shards, open_shard, read_meta
+from lm_pretrain.data.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
+from lm_pretrain.errors import LmpError
+from lm_pretrain.recipe import Recipe
+
+TOKENIZER_FORMAT_VERSION = 1
+
+
+@dataclass
+class PreparedData:
+    cache_dir: Path  # the shard folder
+    tokenizer: Tokenizer
+    tokenizer_path: Path  # the cached tokenizer.json
+    train: TokenShard
+    val: TokenShard
+    word_counts: dict[str, dict[str, int]]  # split -> source -> words
+    unigram_entropy: float  # nats/token of the train tokens' unigram distribution
+    reused: bool  # the token shards came from the cache
+    special_ids: dict[str, int]  # pad, bos, eos, mask
+
+
+def cache_root(recipe: Recipe) -> Path:
+    root = recipe.data.cache_dir or os.environ.get("LMP_CACHE") or "~/.cache/lmp"
+    return Path(root).expanduser()
+
+
+def _key(*parts: str | bytes) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    for part in parts:
+        raw = part.encode() if isinstance(part, str) else part
+        h.update(len(raw).to_bytes(8, "little"))
+        h.update(raw)
+    return h.hexdigest()
+
+
+def _build_atomically(final: Path, build: Callable[[Path], None], done: Callable[[Path], bool]) -> None:
+    """Run build(tmp) in a fresh sibling folder, then rename it to `final`."""
+    if final.exists() and not done(final):
+        raise LmpError(f"cache folder {final} exists but was never finished; delete it and rerun")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not done(final):  # not a lost race with another process: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prepare_tokenizer(
+    recipe: Recipe, train_docs: list[Document], root: Path, console: Console, show_progress: bool
+) -> tuple[Tokenizer, Path]:
+    cfg = recipe.tokenizer
+    config_json = cfg.model_dump_json()
+    if cfg.path is not None:
+        given = Path(cfg.path).expanduser()
+        given_file = given / "tokenizer.json" if given.is_dir() else given
+        source = load_tokenizer(given_file, cfg)  # validates before anything is cached
+        key = _key("given", given_file.read_bytes(), config_json, str(TOKENIZER_FORMAT_VERSION))
+    else:
+        key = _key("trained", corpus_fingerprint(train_docs), config_json, str(TOKENIZER_FORMAT_VERSION))
+    folder = root / "tokenizers" / key
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        console.print(f"tokenizer: reused {path}")
+        return load_tokenizer(path, cfg), path
+
+    def build(tmp: Path) -> None:
+        if cfg.path is not None:
+            tok = source
+        else:
+            # a rich spinner instead of the tokenizers progress bar, which garbles rich output
+            status = f"training a {cfg.vocab_size:,}-entry BPE tokenizer"
+            with console.status(status) if show_progress else contextlib.nullcontext():
+                tok = train_tokenizer((d.text for d in train_docs), cfg)
+        tok.save(str(tmp / "tokenizer.json"))
+
+    start = time.perf_counter()
+    _build_atomically(folder, build, lambda f: (f / "tokenizer.json").is_file())
+    tok = load_tokenizer(path, cfg)
+    how = f"copied from {cfg.path}" if cfg.path is not None else "trained on the train split"
+    console.print(
+        f"tokenizer: {how}, vocab {tok.get_vocab_size():,}, in {time.perf_counter() - start:.1f}s -> {path}"
+    )
+    return tok, path
+
+
+def _corpus_table(
+    recipe: Recipe, splits: dict[str, list[Document]], counts: dict[str, dict[str, int]]
+) -> Table:
+    table = Table(title=f"corpus {recipe.data.path}")
+    table.add_column("source")
+    for name in splits:
+        table.add_column(f"{name} docs", justify="right")
+        table.add_column(f"{name} words", justify="right")
+    docs_per = {name: {} for name in splits}
+    for name, docs in splits.items():
+        for doc in docs:
+            docs_per[name][doc.source] = docs_per[name].get(doc.source, 0) + 1
+    sources = sorted({s for c in counts.values() for s in c})
+    for source in sources:
+        row = [source]
+        for name in splits:
+            row += [f"{docs_per[name].get(source, 0):,}", f"{counts[name].get(source, 0):,}"]
+        table.add_row(*row)
+    total = ["total"]
+    for name, docs in splits.items():
+        total += [f"{len(docs):,}", f"{sum(counts[name].values()):,}"]
+    table.add_row(*total, style="bold")
+    return table
+
+
+def prepare_data(recipe: Recipe, console: Console | None = None, show_progress: bool = True) -> PreparedData:
+    """Read, split and tokenize the recipe's corpus, reusing cached tokenizers and shards.
+    Reports go to `console`; with None (e.g. non-main training processes) nothing is printed."""
+    console = console or Console(quiet=True)
+    docs = read_corpus(recipe.data)
+    train_docs, val_docs = split_documents(docs, recipe.data.validation_fraction)
+    splits = {"train": train_docs, "val": val_docs}
+    counts = {name: word_counts(split) for name, split in splits.items()}
+    console.print(_corpus_table(recipe, splits, counts))
+
+    root = cache_root(recipe)
+    tok, tok_path = _prepare_tokenizer(recipe, train_docs, root, console, show_progress)
+    ids = special_token_ids(tok, recipe.tokenizer)
+
+    key = _key(
+        corpus_fingerprint(docs),
+        repr(recipe.data.validation_fraction),
+        tok_path.read_bytes(),
+        str(FORMAT_VERSION),
+    )
+    folder = root / "shards" / key
+    reused = folder.exists()  # only a finished build is renamed into place; open_shard checks it
+    if reused:
+        console.print(f"token cache: reused {folder} (verifying checksums)")
+    else:
+        start = time.perf_counter()
+
+        def build(tmp: Path) -> None:
+            build_shards(
+                splits,
+                tok,
+                tmp,
+                bos_id=ids["bos"],
+                eos_id=ids["eos"],
+                show_progress=show_progress,
+                console=console,
+            )
+
+        _build_atomically(folder, build, lambda f: (f / META).is_file())
+        console.print(f"token cache: built {folder} in {time.perf_counter() - start:.1f}s")
+
+    # a fresh build was hashed as it was written; only a reused cache needs its bytes re-read
+    train = open_shard(folder, "train", verify=reused)
+    val = open_shard(folder, "val", verify=reused)
+    meta = read_meta(folder)
+    entropy = float(meta["splits"]["train"]["unigram_entropy"])
+    words = sum(counts["train"].values())
+    per_word = train.n_tokens / words if words else float("nan")
+    console.print(
+        f"tokens: train {train.n_tokens:,} ({per_word:.2f} per word), val {val.n_tokens:,}; "
+        f"vocab {tok.get_vocab_size():,} ({meta['dtype']}); "
+        f"train unigram entropy {entropy:.3f} nats/token"
+    )
+    return PreparedData(
+        cache_dir=folder,
+        tokenizer=tok,
+        tokenizer_path=tok_path,
+        train=train,
+        val=val,
+        word_counts=counts,
+        unigram_entropy=entropy,
+        reused=reused,
+        special_ids=ids,
+    )
