@@ -30,7 +30,9 @@ class DataConfig(Section):
 
 class TokenizerConfig(Section):
     vocab_size: int = Field(8192, ge=300, le=1_000_000)
-    path: str | None = Field(None, description="an existing tokenizer.json (or a folder holding one) to reuse")
+    path: str | None = Field(
+        None, description="an existing tokenizer.json (or a folder holding one) to reuse"
+    )
     min_frequency: int = Field(2, ge=1)
     bos_token: str = "<s>"
     eos_token: str = "</s>"

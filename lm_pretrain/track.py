@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,14 @@ from rich.progress import (
 )
 
 from lm_pretrain.recipe import Recipe
+
+
+def write_status(run_dir: Path, state: str, **extra: Any) -> None:
+    """<run>/status.json: running | finished | stopped | failed, for `lmp runs` and resume."""
+    record = {"state": state, "pid": os.getpid(), "updated": round(time.time(), 3), **extra}
+    tmp = run_dir / ".status.json.tmp"
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, run_dir / "status.json")
 
 
 class MetricsSink:

@@ -58,7 +58,9 @@ def test_cross_field_rules():
 
 def test_extends_and_typed_overrides(tmp_path):
     write(tmp_path / "base.yaml", {"name": "base", "model": {"hidden_size": 128, "num_layers": 2}})
-    child = write(tmp_path / "child.yaml", {"extends": "base.yaml", "name": "child", "model": {"num_layers": 3}})
+    child = write(
+        tmp_path / "child.yaml", {"extends": "base.yaml", "name": "child", "model": {"num_layers": 3}}
+    )
     recipe = load_recipe(child, ["optim.lr=1e-3", "train.max_steps=7", "tokenizer.path=null"])
     assert recipe.name == "child"
     assert recipe.model.hidden_size == 128  # inherited

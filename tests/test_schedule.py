@@ -18,7 +18,7 @@ def test_wsd_stages():
     assert all(v == 1.0 for v in lrs[10:80])  # the stable stage
     assert lrs[99] == pytest.approx(0.1)  # decays to the floor on the last step
     decay = lrs[80:]
-    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
 
 
 @pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])

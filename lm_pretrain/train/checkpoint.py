@@ -127,9 +127,15 @@ def load_checkpoint(
     """Restore model, optimizer, scheduler and RNG from a checkpoint; return its trainer state."""
     from safetensors.torch import load_file
 
-    missing = [n for n in (STATE_FILE, "model.safetensors", "optimizer.pt", "scheduler.pt") if not (path / n).is_file()]
+    missing = [
+        n
+        for n in (STATE_FILE, "model.safetensors", "optimizer.pt", "scheduler.pt")
+        if not (path / n).is_file()
+    ]
     if missing:
-        raise LmpError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); delete it to resume from an earlier one")
+        raise LmpError(
+            f"checkpoint {path} is incomplete (missing {', '.join(missing)}); delete it to resume from an earlier one"
+        )
     weights = load_file(path / "model.safetensors")
     if model.config.tie_embeddings and "lm_head.weight" not in weights:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from lm_pretrain.data.tokenizer import save_hf_tokenizer, special_token_ids
 from lm_pretrain.errors import LmpError
 from lm_pretrain.model.decoder import Decoder, DecoderConfig
 from lm_pretrain.recipe import Recipe
-from lm_pretrain.track import MetricsSink, TrainProgress
+from lm_pretrain.track import MetricsSink, TrainProgress, write_status
 from lm_pretrain.train.checkpoint import (
     load_checkpoint,
     publish,
@@ -95,8 +96,24 @@ def validation_loss(model: torch.nn.Module, batches: list, accelerator: Accelera
 
 
 def train(recipe: Recipe, run_dir: Path, console: Console | None = None) -> TrainResult:
-    """Train `recipe` into `run_dir`, resuming from its newest checkpoint when it has one."""
+    """Train `recipe` into `run_dir`, resuming from its newest checkpoint when it has one.
+
+    <run>/status.json says what became of the run: running, finished or failed.
+    """
     console = console or Console()
+    is_main = os.environ.get("RANK", "0") == "0"  # set by torch.distributed launchers
+    try:
+        result = _train(recipe, run_dir, console)
+    except BaseException as exc:
+        if is_main and run_dir.is_dir():
+            write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    if is_main:
+        write_status(run_dir, "finished", step=result.steps)
+    return result
+
+
+def _train(recipe: Recipe, run_dir: Path, console: Console) -> TrainResult:
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     accelerator = _accelerator(recipe.train.precision)
@@ -120,6 +137,7 @@ def train(recipe: Recipe, run_dir: Path, console: Console | None = None) -> Trai
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        write_status(run_dir, "running")
         tokenizer_dir.mkdir(exist_ok=True)
         save_hf_tokenizer(data.tokenizer, tokenizer_dir, recipe.tokenizer, recipe.model.max_seq_len)
     accelerator.wait_for_everyone()
@@ -224,7 +242,10 @@ def train(recipe: Recipe, run_dir: Path, console: Console | None = None) -> Trai
                 interval_start, interval_tokens = now, 0
             if step % cfg.eval_every == 0 or step == steps:
                 state["val_loss"] = validation_loss(model, val_batches, accelerator)
-                record = {**(record or {"step": step, "tokens": state["tokens"]}), "val_loss": state["val_loss"]}
+                record = {
+                    **(record or {"step": step, "tokens": state["tokens"]}),
+                    "val_loss": state["val_loss"],
+                }
                 progress.print(f"step {step}: validation loss {state['val_loss']:.4f}")
             if record is not None:
                 sink.log(record)
@@ -248,7 +269,8 @@ def train(recipe: Recipe, run_dir: Path, console: Console | None = None) -> Trai
         )
         publish(tmp, final)
         (run_dir / "summary.json").write_text(
-            json.dumps({**state, "unigram_entropy": data.unigram_entropy, "seconds": seconds}, indent=2) + "\n"
+            json.dumps({**state, "unigram_entropy": data.unigram_entropy, "seconds": seconds}, indent=2)
+            + "\n"
         )
     sink.close()
     accelerator.wait_for_everyone()
