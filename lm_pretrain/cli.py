@@ -54,26 +54,62 @@ def train(
     recipe: RecipeArg,
     set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/<recipe name>)")] = None,
+    resume: Annotated[bool, typer.Option(help="require a checkpoint in the run folder to resume")] = False,
+    branch_from: Annotated[
+        Path | None, typer.Option(help="start a new run from this checkpoint (a decay branch or a fork)")
+    ] = None,
+    decay_steps: Annotated[
+        int | None, typer.Option(min=1, help="with --branch-from: decay over N steps")
+    ] = None,
+    decay_fraction: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=0.9, help="with --branch-from: the decay is F of the branch's total steps"),
+    ] = None,
 ) -> None:
     """Train a model: corpus -> tokenizer -> shards -> model -> checkpoints -> final export.
 
-    A run folder that already holds checkpoints is resumed from the newest one.
+    A run folder that already holds checkpoints is resumed from the newest one. SIGTERM or
+    SIGUSR1 stops after the current step with a checkpoint and exit code 75.
     """
     from lm_pretrain.recipe import load_recipe
+    from lm_pretrain.train.trainer import EXIT_STOPPED, Branch
     from lm_pretrain.train.trainer import train as run_training
 
     loaded = load_recipe(recipe, set_)
-    run_dir = out or Path("runs") / loaded.name
-    result = run_training(loaded, run_dir, console=console)
-    first = f"{result.first_val_loss:.4f}" if result.first_val_loss is not None else "n/a (resumed)"
+    branch = None
+    if branch_from is not None:
+        if decay_steps is not None and decay_fraction is not None:
+            raise LmpError("give one of --decay-steps and --decay-fraction, not both")
+        branch = Branch(branch_from, decay_steps, decay_fraction)
+    elif decay_steps is not None or decay_fraction is not None:
+        raise LmpError("--decay-steps / --decay-fraction need --branch-from CHECKPOINT")
+    run_dir = out or Path("runs") / (branch.run_name(loaded.name) if branch else loaded.name)
+    result = run_training(loaded, run_dir, console=console, branch=branch, resume=resume)
+    if result.stopped_by_signal:
+        sys.exit(EXIT_STOPPED)
+    first = f"{result.first_val_loss:.4f} -> " if result.first_val_loss is not None else ""
     console.print(
         f"\n[bold green]done[/] in {result.seconds / 60:.1f} min: {result.steps} steps, "
         f"{result.tokens / 1e6:.2f}M tokens\n"
-        f"validation loss {first} -> {result.final_val_loss:.4f} nats/token "
+        f"validation loss {first}{result.final_val_loss:.4f} nats/token "
         f"(unigram entropy of the training tokens: {result.unigram_entropy:.4f})\n"
         f"model: {run_dir / 'final'}  (try: lmp generate {run_dir / 'final'} --prompt 'And God said')",
         highlight=False,
     )
+
+
+@app.command()
+@user_errors
+def schedule(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    png: Annotated[Path | None, typer.Option(help="draw the learning-rate curve into this PNG")] = None,
+) -> None:
+    """Print the learning-rate schedule's key points (and draw it with --png)."""
+    from lm_pretrain.recipe import load_recipe
+    from lm_pretrain.train.lr_plot import describe_schedule
+
+    console.print(describe_schedule(load_recipe(recipe, set_), png))
 
 
 @data_app.command("prepare")
@@ -114,6 +150,59 @@ def generate(
     from lm_pretrain.generate import generate as sample
 
     console.print(sample(model, prompt, max_new_tokens, temperature, top_k, seed), highlight=False)
+
+
+@app.command()
+@user_errors
+def runs(
+    dirs: Annotated[
+        list[Path] | None, typer.Argument(help="folders holding run folders (default runs/)")
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="one JSON object per run instead of a table")] = False,
+) -> None:
+    """Table of runs: size, tokens, words, steps, losses, eval scores, state, parent of branches."""
+    import json
+
+    from lm_pretrain.runs import find_runs, load_run, run_row, runs_table
+
+    roots = dirs or [Path("runs")]
+    found = [load_run(path) for path in find_runs(roots)]
+    for run in found:
+        for message in run.warnings:
+            err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+    if json_:
+        for run in found:
+            print(json.dumps(run_row(run)))
+    elif not found:
+        console.print(f"no runs under {', '.join(map(str, roots))}")
+    else:
+        console.print(runs_table(found, root=roots[0] if len(roots) == 1 else None))
+
+
+@app.command()
+@user_errors
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run folders", show_default=False)],
+    out: Annotated[Path, typer.Option(help="image file to write (.png)")] = Path("runs.png"),
+    x: Annotated[str, typer.Option(help="x axis: steps, tokens or words")] = "steps",
+    metrics: Annotated[
+        str | None, typer.Option(help="comma-separated, e.g. loss,val_loss,lr,eval/blimp (default: all)")
+    ] = None,
+    smooth: Annotated[float, typer.Option(help="moving-average weight for train loss, 0 to 0.99")] = 0.0,
+) -> None:
+    """Plot loss, validation loss, learning rate and eval scores of runs on shared axes."""
+    from lm_pretrain.plot import plot_runs
+
+    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    plot_runs(
+        run_dirs,
+        out,
+        x=x,
+        metrics=chosen,
+        smooth=smooth,
+        warn=lambda m: err_console.print(f"[yellow]warning:[/] {m}", highlight=False),
+    )
+    console.print(f"wrote {out}", highlight=False)
 
 
 if __name__ == "__main__":

@@ -75,11 +75,16 @@ class OptimConfig(Section):
 
 
 class ScheduleConfig(Section):
-    kind: Literal["constant", "cosine", "wsd"] = "wsd"
-    warmup: float = Field(0.05, ge=0, description="fraction of training if < 1, else steps")
-    decay: float = Field(0.2, ge=0, description="wsd: fraction of training if < 1, else steps")
+    """Lengths (warmup, decay, cooldown) are fractions of training when below 1, else counts of `unit`."""
+
+    kind: Literal["constant", "cosine", "wsd", "infinite"] = "wsd"
+    unit: Literal["steps", "tokens"] = "steps"
+    warmup: float = Field(0.05, ge=0)
+    decay: float = Field(0.2, ge=0, description="wsd and infinite: the final decay (anneal)")
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt"
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="LR at the end of a decay, over the peak")
+    cooldown: float = Field(0.1, ge=0, description="infinite: cosine cooldown after warmup")
+    constant_lr_ratio: float = Field(0.25, gt=0, le=1, description="infinite: the long constant stage")
 
 
 class TrainConfig(Section):
@@ -94,6 +99,9 @@ class TrainConfig(Section):
     eval_every: int = Field(100, ge=1)
     eval_tokens: int = Field(65536, ge=1, description="validation tokens scored at each evaluation")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default all cores")
+    skip_nonfinite: int = Field(
+        0, ge=0, description="steps with a non-finite loss or gradient to skip before stopping"
+    )
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainConfig:

@@ -29,6 +29,23 @@ def write_status(run_dir: Path, state: str, **extra: Any) -> None:
     os.replace(tmp, run_dir / "status.json")
 
 
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Keep only the metrics up to `last_step`, so a resumed run's log tells one history."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 class MetricsSink:
     """Appends one JSON object per logged step to <run>/metrics.jsonl; mirrors to wandb/TensorBoard."""
 

@@ -3,12 +3,12 @@ import math
 import pytest
 
 from lm_pretrain.recipe import ScheduleConfig
-from lm_pretrain.train.schedule import lr_multiplier
+from lm_pretrain.train.schedule import Decay, make_schedule
 
 
-def curve(total: int, **kwargs) -> list[float]:
-    cfg = ScheduleConfig(**kwargs)
-    return [lr_multiplier(s, total, cfg) for s in range(total)]
+def curve(total: int, tokens_per_step: int = 1, **kwargs) -> list[float]:
+    schedule = make_schedule(ScheduleConfig(**kwargs), total, tokens_per_step)
+    return [schedule(s) for s in range(total)]
 
 
 def test_wsd_stages():
@@ -32,6 +32,39 @@ def test_wsd_shapes_midpoint(shape):
 def test_cosine_and_constant():
     lrs = curve(110, kind="cosine", warmup=10, min_lr_ratio=0.0)
     assert lrs[9] == pytest.approx(1.0)
-    assert lrs[60] == pytest.approx(0.5, abs=1e-9)
-    assert lrs[-1] < 0.01
+    assert lrs[59] == pytest.approx(0.5, abs=1e-9)  # halfway through the decay
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
     assert set(curve(50, kind="constant", warmup=0)) == {1.0}
+
+
+def test_infinite_stages():
+    lrs = curve(
+        200,
+        kind="infinite",
+        warmup=10,
+        cooldown=40,
+        constant_lr_ratio=0.3,
+        decay=20,
+        decay_shape="linear",
+        min_lr_ratio=0.0,
+    )
+    assert lrs[9] == pytest.approx(1.0)
+    assert lrs[29] == pytest.approx(0.65)  # halfway down the cosine cooldown
+    assert all(v == pytest.approx(0.3) for v in lrs[50:180])  # the constant stage
+    assert lrs[189] == pytest.approx(0.15)  # halfway through the anneal
+    assert lrs[199] == pytest.approx(0.0)
+
+
+def test_lengths_in_tokens():
+    by_tokens = curve(100, tokens_per_step=1000, kind="wsd", unit="tokens", warmup=5000, decay=20000)
+    by_steps = curve(100, kind="wsd", warmup=5, decay=20)
+    assert by_tokens == by_steps
+
+
+def test_branch_decay_overrides_from_its_start():
+    cfg = ScheduleConfig(kind="constant", warmup=0)
+    branch = Decay(start=60, steps=40, start_ratio=1.0, end_ratio=0.0, shape="linear")
+    schedule = make_schedule(cfg, 100, 1, branch)
+    assert schedule(59) == 1.0
+    assert schedule(79) == pytest.approx(0.5)
+    assert schedule(99) == pytest.approx(0.0)

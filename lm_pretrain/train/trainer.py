@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -25,7 +27,7 @@ from lm_pretrain.data.tokenizer import save_hf_tokenizer, special_token_ids
 from lm_pretrain.errors import LmpError
 from lm_pretrain.model.decoder import Decoder, DecoderConfig
 from lm_pretrain.recipe import Recipe
-from lm_pretrain.track import MetricsSink, TrainProgress, write_status
+from lm_pretrain.track import MetricsSink, TrainProgress, truncate_metrics, write_status
 from lm_pretrain.train.checkpoint import (
     load_checkpoint,
     publish,
@@ -33,7 +35,13 @@ from lm_pretrain.train.checkpoint import (
     step_checkpoints,
     write_model_folder,
 )
-from lm_pretrain.train.schedule import lr_multiplier
+from lm_pretrain.train.schedule import Decay, make_schedule
+
+# `lmp train` exits with this code when a signal stopped it after saving: resubmit to resume
+EXIT_STOPPED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# recipe sections that must match to resume a run folder (training lengths may change)
+_RESUME_MUST_MATCH = ("seed", "data", "tokenizer", "model")
 
 
 @dataclass
@@ -42,9 +50,56 @@ class TrainResult:
     steps: int
     tokens: int
     first_val_loss: float | None
-    final_val_loss: float
+    final_val_loss: float | None
     unigram_entropy: float
     seconds: float
+    stopped_by_signal: bool = False
+
+
+@dataclass(frozen=True)
+class Branch:
+    """Start a new run from another run's checkpoint; with a decay length, decay from there."""
+
+    checkpoint: Path
+    decay_steps: int | None = None
+    decay_fraction: float | None = None
+
+    def run_name(self, recipe_name: str) -> str:
+        """The default folder name: <recipe>-<checkpoint>[-decay<N>], a sibling of the main run."""
+        label = f"{recipe_name}-{self.checkpoint.name}"
+        if self.decay_steps is not None:
+            return f"{label}-decay{self.decay_steps}"
+        if self.decay_fraction is not None:
+            return f"{label}-decay{self.decay_fraction:g}"
+        return label
+
+    def resolve_decay(self, start_step: int) -> int | None:
+        """The decay length in steps; a fraction F makes the decay F of the branch's total steps."""
+        if self.decay_steps is not None:
+            return self.decay_steps
+        if self.decay_fraction is not None:
+            return max(1, round(self.decay_fraction * start_step / (1 - self.decay_fraction)))
+        return None
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 (SLURM preemption, time limit); checked once per step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
 
 
 def _accelerator(precision: str) -> Accelerator:
@@ -95,25 +150,81 @@ def validation_loss(model: torch.nn.Module, batches: list, accelerator: Accelera
     return (loss_sum / count).item()
 
 
-def train(recipe: Recipe, run_dir: Path, console: Console | None = None) -> TrainResult:
+def _check_resumable(recipe: Recipe, run_dir: Path) -> None:
+    saved_path = run_dir / "recipe.yaml"
+    if not saved_path.is_file():
+        return
+    import yaml
+
+    saved = yaml.safe_load(saved_path.read_text())
+    now = recipe.model_dump(mode="json")
+    changed = [key for key in _RESUME_MUST_MATCH if saved.get(key) != now.get(key)]
+    if changed:
+        raise LmpError(
+            f"{run_dir} holds checkpoints of a run whose recipe differs in {', '.join(changed)}; "
+            f"resume it with its own recipe ({saved_path}) or train into a new folder with --out"
+        )
+
+
+def _start_state(run_dir: Path, branch: Branch | None, resume: bool) -> tuple[Path | None, dict | None]:
+    """Which checkpoint to load, and the branch record of a branch run (new or resumed)."""
+    existing = step_checkpoints(run_dir)
+    branch_file = run_dir / "branch.json"
+    record = json.loads(branch_file.read_text()) if branch_file.is_file() else None
+    if existing:
+        if branch is not None and record is None:
+            raise LmpError(f"{run_dir} already holds a run; give the branch its own folder with --out")
+        return existing[-1], record
+    if resume:
+        raise LmpError(f"--resume: {run_dir} holds no checkpoint to resume from")
+    if branch is None:
+        return None, None
+    if not (branch.checkpoint / "trainer_state.json").is_file():
+        raise LmpError(
+            f"--branch-from {branch.checkpoint} is not an lmp checkpoint (no trainer_state.json); "
+            "pass a runs/<name>/checkpoints/step-<N> folder"
+        )
+    start_step = json.loads((branch.checkpoint / "trainer_state.json").read_text())["step"]
+    record = {
+        "parent_run": str(branch.checkpoint.resolve().parent.parent),
+        "parent_step": start_step,
+        "checkpoint": str(branch.checkpoint.resolve()),
+        "decay_steps": branch.resolve_decay(start_step),
+    }
+    return branch.checkpoint, record
+
+
+def train(
+    recipe: Recipe,
+    run_dir: Path,
+    console: Console | None = None,
+    branch: Branch | None = None,
+    resume: bool = False,
+) -> TrainResult:
     """Train `recipe` into `run_dir`, resuming from its newest checkpoint when it has one.
 
-    <run>/status.json says what became of the run: running, finished or failed.
+    <run>/status.json says what became of the run: running, finished, stopped or failed.
     """
     console = console or Console()
     is_main = os.environ.get("RANK", "0") == "0"  # set by torch.distributed launchers
     try:
-        result = _train(recipe, run_dir, console)
+        with StopFlag() as stop:
+            result = _train(recipe, run_dir, console, branch, resume, stop)
     except BaseException as exc:
         if is_main and run_dir.is_dir():
             write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
         raise
     if is_main:
-        write_status(run_dir, "finished", step=result.steps)
+        if result.stopped_by_signal:
+            write_status(run_dir, "stopped", step=result.steps, signal=stop.signum)
+        else:
+            write_status(run_dir, "finished", step=result.steps)
     return result
 
 
-def _train(recipe: Recipe, run_dir: Path, console: Console) -> TrainResult:
+def _train(
+    recipe: Recipe, run_dir: Path, console: Console, branch: Branch | None, resume: bool, stop: StopFlag
+) -> TrainResult:
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     accelerator = _accelerator(recipe.train.precision)
@@ -128,7 +239,28 @@ def _train(recipe: Recipe, run_dir: Path, console: Console) -> TrainResult:
         )
     accum = cfg.batch_size // (micro * world)
     seq_len = recipe.seq_len
+    tokens_per_step = cfg.batch_size * seq_len
+
+    start_from, branch_record = _start_state(run_dir, branch, resume)
+    if start_from is not None and start_from.parent.parent == run_dir:
+        _check_resumable(recipe, run_dir)
+
     steps = total_steps(recipe)
+    decay = None
+    if branch_record is not None and branch_record["decay_steps"] is not None:
+        start = branch_record["parent_step"]
+        steps = start + branch_record["decay_steps"]
+        base = make_schedule(recipe.schedule, total_steps(recipe), tokens_per_step)
+        decay = Decay(
+            start,
+            branch_record["decay_steps"],
+            base(start),
+            recipe.schedule.min_lr_ratio,
+            recipe.schedule.decay_shape,
+        )
+    schedule = make_schedule(
+        recipe.schedule, steps if decay is None else total_steps(recipe), tokens_per_step, decay
+    )
 
     with accelerator.main_process_first():
         data = prepare_data(recipe, console=console if is_main else None, show_progress=is_main)
@@ -137,6 +269,8 @@ def _train(recipe: Recipe, run_dir: Path, console: Console) -> TrainResult:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        if branch_record is not None:
+            (run_dir / "branch.json").write_text(json.dumps(branch_record, indent=2) + "\n")
         write_status(run_dir, "running")
         tokenizer_dir.mkdir(exist_ok=True)
         save_hf_tokenizer(data.tokenizer, tokenizer_dir, recipe.tokenizer, recipe.model.max_seq_len)
@@ -153,14 +287,24 @@ def _train(recipe: Recipe, run_dir: Path, console: Console) -> TrainResult:
         )
     )
     optimizer = build_optimizer(model, recipe)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, steps, recipe.schedule)
-    )
-    state = {"step": 0, "samples": 0, "tokens": 0, "val_loss": None, "first_val_loss": None, "seconds": 0.0}
-    existing = step_checkpoints(run_dir)
-    if existing:
-        state = load_checkpoint(existing[-1], model, optimizer, scheduler)
-        console.print(f"resuming from {existing[-1]} (step {state['step']})")
+    # a plain lambda, so the scheduler's state holds only the step and a branch's schedule is kept
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s))
+    state: dict[str, Any] = {
+        "step": 0,
+        "samples": 0,
+        "tokens": 0,
+        "val_loss": None,
+        "first_val_loss": None,
+        "seconds": 0.0,
+        "skipped_steps": 0,
+    }
+    if start_from is not None:
+        state = {**state, **load_checkpoint(start_from, model, optimizer, scheduler)}
+        console.print(
+            f"{'resuming' if branch is None else 'branching'} from {start_from} (step {state['step']})"
+        )
+        if is_main and start_from.parent.parent == run_dir:
+            truncate_metrics(run_dir, state["step"])  # drop what was logged after that checkpoint
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.compile:
         model = torch.compile(model)
@@ -172,7 +316,7 @@ def _train(recipe: Recipe, run_dir: Path, console: Console) -> TrainResult:
         n_params = accelerator.unwrap_model(model).num_parameters()
         console.print(
             f"model: {n_params / 1e6:.2f}M parameters | {steps} steps x {cfg.batch_size} sequences x "
-            f"{seq_len} tokens = {steps * cfg.batch_size * seq_len / 1e6:.1f}M tokens "
+            f"{seq_len} tokens = {steps * tokens_per_step / 1e6:.1f}M tokens "
             f"({steps * cfg.batch_size / windows.windows_per_epoch:.2f} epochs) | "
             f"{accelerator.device}, {recipe.train.precision}, {world} process(es), accumulation {accum}"
         )
@@ -190,7 +334,7 @@ def _train(recipe: Recipe, run_dir: Path, console: Console) -> TrainResult:
             )
         accelerator.wait_for_everyone()
 
-    if state["step"] == 0:
+    if start_from is None:
         state["first_val_loss"] = state["val_loss"] = validation_loss(model, val_batches, accelerator)
         sink.log({"step": 0, "tokens": 0, "val_loss": state["val_loss"]})
 
@@ -199,10 +343,12 @@ def _train(recipe: Recipe, run_dir: Path, console: Console) -> TrainResult:
     interval_start, interval_tokens = time.perf_counter(), 0
     loss_acc = torch.zeros((), device=accelerator.device)
     steps_acc = 0
+    stopped = False
     model.train()
     with TrainProgress(console, steps, step, enabled=is_main) as progress:
         while step < steps:
             first = state["samples"] + accelerator.process_index * micro * accum
+            step_loss = torch.zeros((), device=accelerator.device)
             for i in range(accum):
                 inputs, targets = windows.batch(first + i * micro, micro)
                 inputs, targets = inputs.to(accelerator.device), targets.to(accelerator.device)
@@ -211,29 +357,41 @@ def _train(recipe: Recipe, run_dir: Path, console: Console) -> TrainResult:
                 with sync:
                     loss = model(inputs, targets).loss / accum
                     accelerator.backward(loss)
-                loss_acc += loss.detach()
-            if recipe.optim.grad_clip is not None:
-                accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
+                step_loss += loss.detach()
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip or math.inf)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            # a non-finite loss makes the gradient norm non-finite too; this check is the
+            # step's one host sync (free on CPU), and it keeps NaNs out of the weights
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+                loss_acc += step_loss
+                steps_acc += 1
+            else:
+                state["skipped_steps"] += 1
+                if state["skipped_steps"] > cfg.skip_nonfinite:
+                    raise LmpError(
+                        f"non-finite loss or gradients at step {step + 1} ({state['skipped_steps']} so far, "
+                        f"train.skip_nonfinite is {cfg.skip_nonfinite}); lower optim.lr, lengthen "
+                        f"schedule.warmup or use precision fp32. Checkpoints saved so far are finite."
+                    )
+                progress.print(f"step {step + 1}: non-finite loss or gradients, update skipped")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            steps_acc += 1
             state["samples"] += cfg.batch_size
-            state["tokens"] += cfg.batch_size * seq_len
-            interval_tokens += cfg.batch_size * seq_len
+            state["tokens"] += tokens_per_step
+            interval_tokens += tokens_per_step
 
             record = None
             if step % cfg.log_every == 0 or step == steps:
-                # the only host sync of the step loop: once per log interval
-                train_loss = accelerator.reduce(loss_acc, "mean").item() / steps_acc
+                # the loss is fetched from the device once per log interval, not every step
+                mean_loss = accelerator.reduce(loss_acc, "mean").item() / max(1, steps_acc)
                 now = time.perf_counter()
                 record = {
                     "step": step,
                     "tokens": state["tokens"],
                     "epoch": round(windows.epoch_of(state["samples"]), 4),
-                    "loss": train_loss,
+                    "loss": mean_loss,
                     "lr": lr,
                     "tokens_per_s": interval_tokens / (now - interval_start),
                 }
@@ -252,13 +410,18 @@ def _train(recipe: Recipe, run_dir: Path, console: Console) -> TrainResult:
                 progress.update(step, record if "loss" in record else None)
             else:
                 progress.update(step)
-            if step % recipe.checkpoint.every == 0 or step == steps:
+
+            stopped = _any_process(stop.signum is not None, accelerator)
+            if step % recipe.checkpoint.every == 0 or step == steps or stopped:
                 state["step"] = step
                 state["seconds"] = time.perf_counter() - started
                 save(dict(state))
+            if stopped:
+                progress.print(f"stopped by signal after step {step}; saved. Run the same command to resume.")
+                break
 
     seconds = time.perf_counter() - started
-    if is_main:
+    if is_main and not stopped:
         final = run_dir / "final"
         tmp = run_dir / ".tmp-final"
         write_model_folder(
@@ -282,4 +445,13 @@ def _train(recipe: Recipe, run_dir: Path, console: Console) -> TrainResult:
         final_val_loss=state["val_loss"],
         unigram_entropy=data.unigram_entropy,
         seconds=seconds,
+        stopped_by_signal=stopped,
     )
+
+
+def _any_process(flag: bool, accelerator: Accelerator) -> bool:
+    """True on every process when any one of them got a stop signal, so all stop at one step."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, "sum").item() > 0)

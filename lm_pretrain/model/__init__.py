@@ -1,0 +1,1 @@
+"""The decoder model (decoder.py) and its transformers-loadable export (export.py)."""

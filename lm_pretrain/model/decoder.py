@@ -1,0 +1,283 @@
+"""A Llama-style decoder-only transformer in one file.
+
+Pre-norm blocks with RMSNorm, rotary position embeddings, grouped-query attention and a SwiGLU
+MLP, no biases. Parameter names are exactly those of transformers' LlamaForCausalLM, so a
+state_dict exports without renaming (see export.py) and the exported model computes the same
+logits in transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lm_pretrain.recipe import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 704
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    # special token ids are written to the exported config; the model itself does not use them
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_recipe(
+        cls,
+        model: ModelConfig,
+        vocab_size: int,
+        bos_token_id: int | None,
+        eos_token_id: int | None,
+        pad_token_id: int | None,
+    ) -> DecoderConfig:
+        """The recipe's model section plus what the tokenizer decides (vocabulary, special ids).
+
+        num_kv_heads defaults to num_heads (plain multi-head attention). intermediate_size
+        defaults to 8/3 * hidden_size rounded up to a multiple of 64: SwiGLU has three matrices
+        instead of two, so 8/3 keeps the MLP's parameter count that of a 4x GELU MLP, and a
+        multiple of 64 keeps matrix shapes friendly to fast kernels.
+        """
+        intermediate = model.intermediate_size or _round_up(8 * model.hidden_size / 3, 64)
+        return cls(
+            vocab_size=vocab_size,
+            hidden_size=model.hidden_size,
+            num_layers=model.num_layers,
+            num_heads=model.num_heads,
+            num_kv_heads=model.num_kv_heads or model.num_heads,
+            intermediate_size=intermediate,
+            max_seq_len=model.max_seq_len,
+            rope_theta=model.rope_theta,
+            norm_eps=model.norm_eps,
+            tie_embeddings=model.tie_embeddings,
+            init_std=model.init_std,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+
+
+def _round_up(x: float, multiple: int) -> int:
+    return int(math.ceil(x / multiple)) * multiple
+
+
+class DecoderOutput(NamedTuple):
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 and cast back before scaling, exactly as transformers' LlamaRMSNorm
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# ---------------------------------------------------------------- rotary embeddings
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each [max_seq_len, head_dim], in transformers' Llama layout.
+
+    Each frequency appears twice, once in each half of the head (cat(freqs, freqs)), which
+    pairs dimension i with i + head_dim/2 for rotate_half rather than adjacent pairs.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    positions = torch.arange(max_seq_len, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, heads, T, head_dim] by position; cos/sin broadcast as [T, D] or [B, 1, T, D]."""
+    return x * cos + rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------- the blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.num_kv_heads != self.num_heads:
+            # Query head h reads kv head h // group. Repeating (rather than SDPA's enable_gqa) keeps
+            # every fused kernel available, also with a mask, and is as fast on CPU.
+            group = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # the caller's mask (True = may attend) replaces causality, e.g. causal within documents
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """The body (transformers' LlamaModel): embeddings, blocks, final norm, rotary tables."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        # derived from the config, so kept out of the state_dict (transformers does not store them)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Transformer(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        # Each block adds two outputs to the residual stream; shrinking the projections that write
+        # into it by 1/sqrt(2 * layers) keeps the stream's variance from growing with depth (GPT-2).
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for block in self.model.layers:
+            nn.init.normal_(block.self_attn.o_proj.weight, mean=0.0, std=out_std)
+            nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=out_std)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameters counted once each (tied weights once); optionally without the token
+        embedding and output matrices, the usual 'non-embedding' count of scaling laws."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.model.embed_tokens.weight.numel()
+            if not self.config.tie_embeddings:
+                total -= self.lm_head.weight.numel()
+        return total
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> DecoderOutput:
+        """Logits [B, T, vocab] and, given targets, the mean next-token loss.
+
+        targets[:, t] is the token that follows input_ids[:, t] (already shifted by the caller);
+        positions holding -100 are ignored. position_ids ([T] or [B, T]) default to 0..T-1;
+        attn_mask (bool, True = may attend, broadcastable to [B, 1, T, T]) replaces the causal mask.
+        """
+        T = input_ids.shape[1]
+        if position_ids is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+            cos, sin = self.model.rope_cos[:T], self.model.rope_sin[:T]
+        else:
+            cos, sin = self.model.rope_cos[position_ids], self.model.rope_sin[position_ids]
+            if cos.dim() == 3:  # [B, T, D] -> [B, 1, T, D], broadcast over heads
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+        x = self.model.embed_tokens(input_ids)
+        for block in self.model.layers:
+            x = block(x, cos, sin, attn_mask)
+        logits = self.lm_head(self.model.norm(x))
+
+        loss = None
+        if targets is not None:
+            # fp32 for the softmax: bf16 logits lose too much precision over a large vocabulary
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+        return DecoderOutput(logits=logits, loss=loss)

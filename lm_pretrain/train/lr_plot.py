@@ -1,0 +1,44 @@
+"""`lmp schedule`: a recipe's learning-rate curve as key points and a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from lm_pretrain.recipe import Recipe
+from lm_pretrain.train.schedule import make_schedule
+from lm_pretrain.train.trainer import total_steps
+
+
+def describe_schedule(recipe: Recipe, png: Path | None = None) -> Table:
+    steps = total_steps(recipe)
+    tokens_per_step = recipe.train.batch_size * recipe.seq_len
+    schedule = make_schedule(recipe.schedule, steps, tokens_per_step)
+    peak = recipe.optim.lr
+    table = Table(title=f"{recipe.schedule.kind} schedule of {recipe.name}: {steps} steps, peak LR {peak:g}")
+    for column in ("point", "step", "tokens", "LR"):
+        table.add_column(column, justify="left" if column == "point" else "right")
+    for name, step in schedule.key_points():
+        table.add_row(name, f"{step:,}", f"{step * tokens_per_step:,}", f"{peak * schedule(step):.3e}")
+    if png is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4))
+        xs = range(steps)
+        ax.plot(list(xs), [peak * schedule(s) for s in xs], color="tab:blue")
+        for name, step in schedule.key_points()[1:-1]:
+            ax.axvline(step, color="grey", linestyle=":", linewidth=1)
+            ax.annotate(name, (step, peak), rotation=90, fontsize=8, va="top", ha="right")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("learning rate")
+        ax.set_title(f"{recipe.name}: {recipe.schedule.kind}, {recipe.schedule.decay_shape} decay")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(png, dpi=120)
+        plt.close(fig)
+        table.caption = f"curve written to {png}"
+    return table
