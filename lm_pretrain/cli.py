@@ -24,7 +24,7 @@ recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(recipe_app, name="recipe")
 
-console = Console()
+console = Console(soft_wrap=True)  # long paths stay whole in logs
 err_console = Console(stderr=True)
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
@@ -152,6 +152,50 @@ def generate(
     console.print(sample(model, prompt, max_new_tokens, temperature, top_k, seed), highlight=False)
 
 
+@app.command("eval")
+@user_errors
+def eval_(
+    model: Annotated[Path, typer.Argument(help="a run folder, checkpoint, or transformers model folder")],
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="comma list of blimp,blimp_supplement,ewok,entity_tracking,probe,perplexity"),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="BabyLM evaluation_data folder (or a BLiMP folder)")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="causal, mlm or mntp (as the official pipeline)")] = "causal",
+    fast: Annotated[bool, typer.Option("--fast", help="the official fast_eval subsets")] = False,
+    prefix: Annotated[str, typer.Option(help="unscored text put before every sentence")] = "",
+    strict_ties: Annotated[bool, typer.Option("--strict-ties", help="count exact ties as wrong")] = False,
+    text: Annotated[Path | None, typer.Option(help="held-out text file for perplexity")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write scores here")] = None,
+    predictions: Annotated[Path | None, typer.Option(help="write official-layout predictions here")] = None,
+    seed: Annotated[int, typer.Option(help="probe seed")] = 0,
+) -> None:
+    """Zero-shot BabyLM evaluation (official scoring rules), grammar probe, and perplexity."""
+    from lm_pretrain.eval.report import field_table, summary_table, task_table, write_json, write_predictions
+    from lm_pretrain.eval.runner import evaluate, parse_tasks
+
+    chosen = parse_tasks(tasks, data_dir is not None)
+    result = evaluate(
+        model, chosen, data_dir, backend, fast, prefix, strict_ties, text, seed,
+        console=console, explicit_tasks=tasks is not None,
+    )  # fmt: skip
+    for task in result.tasks:
+        console.print(task_table(task))
+        if task.task in ("blimp", "probe"):
+            console.print(field_table(task))
+    console.print(summary_table(result.tasks, result.perplexity))
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    if json_out is not None:
+        write_json(json_out, result.to_json())
+        console.print(f"scores: {json_out}", highlight=False)
+    if predictions is not None:
+        for path in write_predictions(predictions, result.tasks):
+            console.print(f"predictions: {path}", highlight=False)
+
+
 @app.command()
 @user_errors
 def runs(
@@ -203,6 +247,49 @@ def plot(
         warn=lambda m: err_console.print(f"[yellow]warning:[/] {m}", highlight=False),
     )
     console.print(f"wrote {out}", highlight=False)
+
+
+@app.command("merge-checkpoints")
+@user_errors
+def merge_checkpoints(
+    checkpoints: Annotated[
+        list[Path] | None, typer.Argument(help="checkpoint or transformers folders", show_default=False)
+    ] = None,
+    out: Annotated[Path, typer.Option(help="output folder (transformers-loadable)")] = ...,
+    method: Annotated[
+        str | None,
+        typer.Option(help="uniform, weighted, ema, loss or greedy (default: weighted with --weights)"),
+    ] = None,
+    weights: Annotated[
+        list[str] | None, typer.Option(help="one weight per input, e.g. --weights 1,2,3 (normalised)")
+    ] = None,
+    decay: Annotated[float, typer.Option(help="ema: weight decay**(newest step - step)")] = 0.99,
+    penalty: Annotated[float, typer.Option(help="loss: weight exp(-penalty * (loss - best loss))")] = 10.0,
+    run: Annotated[
+        Path | None, typer.Option(help="a run folder: its checkpoints are the inputs; its data scores them")
+    ] = None,
+    last_k: Annotated[
+        int | None, typer.Option(min=1, help="with --run: only its newest K checkpoints")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
+) -> None:
+    """Average checkpoints of one run into one model, streaming one tensor at a time."""
+    from lm_pretrain.merge import merge_checkpoints as merge
+
+    parsed = None
+    if weights:
+        try:
+            parsed = [float(w) for item in weights for w in item.split(",") if w.strip()]
+        except ValueError:
+            raise LmpError(
+                f"--weights must be numbers, e.g. --weights 1,2,3; got {','.join(weights)}"
+            ) from None
+    result = merge(checkpoints or [], out, method, parsed, decay, penalty, run, last_k, force)
+    for item, weight in zip(result.inputs, result.weights, strict=True):
+        loss = f"  val_loss {item.val_loss:.4f}" if item.val_loss is not None else ""
+        console.print(f"{weight:8.4f}  {item.path}{loss}", highlight=False)
+    soup = f"; soup validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    console.print(f"[bold green]merged[/] ({result.method}) into {result.out}{soup}", highlight=False)
 
 
 if __name__ == "__main__":

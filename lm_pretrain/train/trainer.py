@@ -303,8 +303,9 @@ def _train(
         console.print(
             f"{'resuming' if branch is None else 'branching'} from {start_from} (step {state['step']})"
         )
-        if is_main and start_from.parent.parent == run_dir:
-            truncate_metrics(run_dir, state["step"])  # drop what was logged after that checkpoint
+    if is_main:
+        # drop whatever a killed earlier attempt logged after the state we start from
+        truncate_metrics(run_dir, state["step"] if start_from is not None else -1)
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.compile:
         model = torch.compile(model)
