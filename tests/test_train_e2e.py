@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_run_args
 from typer.testing import CliRunner
 
+from conftest import tiny_run_args
 from lm_pretrain.cli import app
 
 

@@ -1,7 +1,7 @@
 """Checkpoints: one format for everything.
 
 A checkpoint folder is a transformers-loadable model folder (config.json, model.safetensors,
-tokenizer files) plus the training state beside it (optimizer.pt, scheduler.pt, rng-<rank>.pt,
+tokenizer files) plus the training state beside it (optimizer.pt, rng-<rank>.pt,
 trainer_state.json). So `lmp generate`, `lmp eval` and transformers all read any checkpoint,
 and resume reads the same folder. Folders are written under a temporary name, fsynced and
 renamed, so a kill during a save never leaves a folder that looks complete.
@@ -95,7 +95,6 @@ def save_checkpoint(
     run_dir: Path,
     model: Decoder,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
     tokenizer_dir: Path,
     state: dict[str, Any],
     keep_last: int,
@@ -108,7 +107,6 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     write_model_folder(model, tokenizer_dir, tmp, {"kind": "checkpoint", **state})
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng-0.pt")
     # trainer_state.json last: its presence is what marks a checkpoint as complete
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
@@ -122,16 +120,12 @@ def load_checkpoint(
     path: Path,
     model: Decoder,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNG from a checkpoint; return its trainer state."""
+    """Restore model, optimizer and RNG from a checkpoint; return its trainer state (step, data
+    position, ...). The LR schedule needs nothing more: it is a pure function of the step."""
     from safetensors.torch import load_file
 
-    missing = [
-        n
-        for n in (STATE_FILE, "model.safetensors", "optimizer.pt", "scheduler.pt")
-        if not (path / n).is_file()
-    ]
+    missing = [n for n in (STATE_FILE, "model.safetensors", "optimizer.pt") if not (path / n).is_file()]
     if missing:
         raise LmpError(
             f"checkpoint {path} is incomplete (missing {', '.join(missing)}); delete it to resume from an earlier one"
@@ -144,7 +138,6 @@ def load_checkpoint(
     except RuntimeError as exc:
         raise LmpError(f"checkpoint {path} does not fit this recipe's model: {exc}") from None
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     if (path / "rng-0.pt").is_file():
         set_rng_state(torch.load(path / "rng-0.pt", weights_only=False))
     return json.loads((path / STATE_FILE).read_text())

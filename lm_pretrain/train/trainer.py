@@ -287,8 +287,6 @@ def _train(
         )
     )
     optimizer = build_optimizer(model, recipe)
-    # a plain lambda, so the scheduler's state holds only the step and a branch's schedule is kept
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s))
     state: dict[str, Any] = {
         "step": 0,
         "samples": 0,
@@ -299,7 +297,7 @@ def _train(
         "skipped_steps": 0,
     }
     if start_from is not None:
-        state = {**state, **load_checkpoint(start_from, model, optimizer, scheduler)}
+        state = {**state, **load_checkpoint(start_from, model, optimizer)}
         console.print(
             f"{'resuming' if branch is None else 'branching'} from {start_from} (step {state['step']})"
         )
@@ -328,7 +326,6 @@ def _train(
                 run_dir,
                 accelerator.unwrap_model(model),
                 optimizer,
-                scheduler,
                 tokenizer_dir,
                 step_state,
                 recipe.checkpoint.keep_last,
@@ -360,7 +357,10 @@ def _train(
                     accelerator.backward(loss)
                 step_loss += loss.detach()
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip or math.inf)
-            lr = scheduler.get_last_lr()[0]
+            # the schedule is a pure function of the step: the step is all the state it has
+            lr = recipe.optim.lr * schedule(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             # a non-finite loss makes the gradient norm non-finite too; this check is the
             # step's one host sync (free on CPU), and it keeps NaNs out of the weights
             if torch.isfinite(grad_norm):
@@ -376,7 +376,6 @@ def _train(
                         f"schedule.warmup or use precision fp32. Checkpoints saved so far are finite."
                     )
                 progress.print(f"step {step + 1}: non-finite loss or gradients, update skipped")
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             state["samples"] += cfg.batch_size

@@ -1,0 +1,78 @@
+"""WSD branching: decay runs started from a constant-LR run's checkpoints, the main run untouched."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_run_args
+from lm_pretrain.cli import app
+
+
+def invoke(args: list[str]) -> str:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def tree_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            h.update(str(path.relative_to(folder)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_decay_branches_from_a_stable_checkpoint(bible_corpus, tmp_path):
+    cache, main = tmp_path / "cache", tmp_path / "main"
+    stable = {"schedule.kind": "wsd", "schedule.warmup": 4, "schedule.decay": 0, "train.log_every": 1}
+    invoke(["train", *tiny_run_args(bible_corpus, cache, 40, **stable), "--out", str(main)])
+    before = tree_digest(main)
+    ckpt = main / "checkpoints" / "step-20"
+    assert ckpt.is_dir()
+
+    branch = tmp_path / "branch"
+    args = tiny_run_args(bible_corpus, cache, 40, **stable)
+    out = invoke(["train", *args, "--branch-from", str(ckpt), "--decay-steps", "10", "--out", str(branch)])
+    assert "branching from" in out
+    assert tree_digest(main) == before  # the main run is untouched
+
+    record = json.loads((branch / "branch.json").read_text())
+    assert record["parent_step"] == 20 and record["decay_steps"] == 10
+    assert record["parent_run"] == str(main.resolve())
+    rows = [r for r in metrics(branch) if "lr" in r]
+    assert [r["step"] for r in rows] == list(range(21, 31))  # continues from step 20 for 10 steps
+    lrs = [r["lr"] for r in rows]
+    peak = 3e-3
+    assert lrs[0] == pytest.approx(peak * (1 - (1 / 10) ** 0.5))  # the 1-sqrt decay's first step
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+    main_rows = {r["step"]: r for r in metrics(main) if "loss" in r}
+    # the branch trains on the same data the main run would have seen after step 20
+    assert rows[0]["loss"] == pytest.approx(main_rows[21]["loss"], rel=1e-5)
+    final = json.loads((branch / "final" / "lmp.json").read_text())
+    assert final["step"] == 30
+    branch_val = json.loads((branch / "summary.json").read_text())["val_loss"]
+    assert branch_val < json.loads((ckpt / "trainer_state.json").read_text())["val_loss"]
+
+    # a fraction: the decay is 20% of the branch's total steps -> 5 steps after step 20
+    frac = tmp_path / "frac"
+    invoke(["train", *args, "--branch-from", str(ckpt), "--decay-fraction", "0.2", "--out", str(frac)])
+    assert json.loads((frac / "branch.json").read_text())["decay_steps"] == 5
+
+
+def test_branch_flag_errors(bible_corpus, tmp_path):
+    args = tiny_run_args(bible_corpus, tmp_path / "cache", 10)
+    result = CliRunner().invoke(app, ["train", *args, "--decay-steps", "5"])
+    assert result.exit_code == 2 and "--branch-from" in result.output
+    result = CliRunner().invoke(
+        app, ["train", *args, "--branch-from", str(tmp_path), "--out", str(tmp_path / "b")]
+    )
+    assert result.exit_code == 2 and "not an lmp checkpoint" in result.output
