@@ -100,6 +100,25 @@ def train(
 
 @app.command()
 @user_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="a run folder")],
+    milestones: Annotated[
+        Path, typer.Option(help="write one transformers folder per milestone checkpoint (chck_<N>M) here")
+    ],
+    git: Annotated[bool, typer.Option(help="also a git repository with one branch per milestone")] = False,
+) -> None:
+    """Export a run's BabyLM milestone checkpoints for submission."""
+    from lm_pretrain.milestones import export_milestones
+
+    written = export_milestones(run, milestones, git)
+    for folder in written:
+        console.print(f"  {folder}", highlight=False)
+    note = f" and the git repository {milestones / 'repo'} (one branch each)" if git else ""
+    console.print(f"exported {len(written)} milestone(s) to {milestones}{note}", highlight=False)
+
+
+@app.command()
+@user_errors
 def schedule(
     recipe: RecipeArg,
     set_: SetOpt = None,

@@ -20,10 +20,21 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    path: str = Field("builtin:demo", description="folder of .txt files, a .jsonl file, or builtin:demo")
-    format: Literal["auto", "text", "jsonl"] = "auto"
+    path: str = Field(
+        "builtin:demo", description="a BabyLM folder, a folder of text files, a .jsonl file, or builtin:demo"
+    )
+    format: Literal["auto", "text", "jsonl", "babylm"] = "auto"
     text_field: str = Field("text", description="jsonl: the field holding a document's text")
     source_field: str | None = Field(None, description="jsonl: the field naming a document's source")
+    lines_per_document: int = Field(
+        200, ge=1, description="text and babylm files: documents longer than this are cut into blocks"
+    )
+    word_budget: int | None = Field(
+        None, ge=1, description="at most this many words (whitespace-split); 10M strict-small, 100M strict"
+    )
+    over_budget: Literal["error", "subsample"] = Field(
+        "error", description="a corpus over the budget: stop, or keep a proportional share of each source"
+    )
     validation_fraction: float = Field(0.01, ge=0.0, lt=0.5)
     cache_dir: str | None = Field(None, description="token shard cache; default $LMP_CACHE or ~/.cache/lmp")
 
@@ -103,10 +114,15 @@ class TrainConfig(Section):
         0, ge=0, description="steps with a non-finite loss or gradient to skip before stopping"
     )
 
+    max_words_seen: int | None = Field(
+        None, ge=1, description="train until this many corpus words were seen; default 10x data.word_budget"
+    )
+
     @model_validator(mode="after")
     def _one_length(self) -> TrainConfig:
-        if (self.max_steps is None) == (self.max_tokens is None):
-            raise ValueError("set exactly one of train.max_steps and train.max_tokens")
+        given = [n for n in ("max_steps", "max_tokens", "max_words_seen") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"set only one of train.max_steps, max_tokens, max_words_seen (got {given})")
         return self
 
 
@@ -135,6 +151,13 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _fits(self) -> Recipe:
+        t = self.train
+        if t.max_steps is None and t.max_tokens is None and t.max_words_seen is None:
+            if self.data.word_budget is None:
+                raise ValueError(
+                    "set one of train.max_steps, train.max_tokens or train.max_words_seen "
+                    "(or data.word_budget, whose 10 passes are the default length)"
+                )
         if self.train.seq_len is not None and self.train.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"train.seq_len {self.train.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}"
@@ -150,6 +173,16 @@ class Recipe(Section):
     @property
     def seq_len(self) -> int:
         return self.train.seq_len or self.model.max_seq_len
+
+    @property
+    def max_words_seen(self) -> int | None:
+        """The words-seen bound: train.max_words_seen, else 10 passes of the budget (BabyLM 2025 rule)."""
+        t = self.train
+        if t.max_words_seen is not None:
+            return t.max_words_seen
+        if t.max_steps is None and t.max_tokens is None and self.data.word_budget is not None:
+            return 10 * self.data.word_budget
+        return None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -16,7 +16,6 @@ from tokenizers import Tokenizer
 
 from lm_pretrain.data.builtin import demo_documents
 from lm_pretrain.data.corpus import (
-    CHUNK_LINES,
     Document,
     corpus_fingerprint,
     read_corpus,
@@ -86,7 +85,8 @@ def test_text_folder_reader(tmp_path):
     root = tmp_path / "texts"
     (root / "train").mkdir(parents=True)
     (root / "dev").mkdir()
-    lines = [f"utterance number {i}" for i in range(CHUNK_LINES * 2 + 50)]
+    chunk = DataConfig().lines_per_document
+    lines = [f"utterance number {i}" for i in range(chunk * 2 + 50)]
     (root / "train" / "childes.train").write_text("\n".join(lines) + "\n")
     (root / "dev" / "childes.dev").write_text("one line only\n")
     (root / "train" / "stories.txt").write_text(
@@ -95,12 +95,12 @@ def test_text_folder_reader(tmp_path):
     (root / "train" / ".hidden.txt").write_text("never read")
     (root / "empty.txt").write_text("\n\n")
 
-    docs = read_corpus(DataConfig(path=str(root)))
+    docs = read_corpus(DataConfig(path=str(root), format="text"))
     # sorted paths: dev/childes.dev, empty.txt, train/childes.train, train/stories.txt
     assert [d.source for d in docs] == ["childes"] * 4 + ["stories"] * 3
     assert docs[0].text == "one line only"
     chunks = [d.text.split("\n") for d in docs[1:4]]
-    assert [len(c) for c in chunks] == [CHUNK_LINES, CHUNK_LINES, 50]
+    assert [len(c) for c in chunks] == [chunk, chunk, 50]
     assert sum(chunks, []) == lines
     assert [d.text for d in docs[4:]] == [
         "First story.\n\nIts second paragraph.",

@@ -52,8 +52,17 @@ def test_out_of_range_and_bad_choice():
 def test_cross_field_rules():
     with pytest.raises(LmpError, match="divisible by num_heads"):
         validate_recipe({"name": "x", "model": {"hidden_size": 100, "num_heads": 3}})
-    with pytest.raises(LmpError, match="exactly one of"):
+    with pytest.raises(LmpError, match="set only one of"):
         validate_recipe({"name": "x", "train": {"max_steps": 5, "max_tokens": 100}})
+    with pytest.raises(LmpError, match="data.word_budget"):
+        validate_recipe({"name": "x", "train": {"batch_size": 8}})
+
+
+def test_words_seen_defaults_to_ten_passes_of_the_budget():
+    recipe = validate_recipe({"name": "x", "data": {"word_budget": 1000}, "train": {"batch_size": 8}})
+    assert recipe.max_words_seen == 10_000
+    recipe = validate_recipe({"name": "x", "data": {"word_budget": 1000}, "train": {"max_steps": 5}})
+    assert recipe.max_words_seen is None
 
 
 def test_extends_and_typed_overrides(tmp_path):

@@ -3,14 +3,19 @@
 Accepted corpora (recipe field `data.path`):
 
 * `builtin:demo` - English text shipped by installed packages (see `builtin.py`).
+* a BabyLM folder (format `babylm`, chosen automatically when the folder holds `*.train` files):
+  only the `<source>.train` files are read (childes, bnc_spoken, gutenberg, open_subtitles,
+  simple_wiki, switchboard, or any other names), each file's stem is the document's source, and
+  its non-empty lines are grouped into documents of `data.lines_per_document` consecutive lines
+  (the files are one utterance or sentence per line, with no document markup).
 * a folder of text files (or a single text file). Every non-hidden file under the folder is read,
   recursively, in sorted path order; each file's source is its name without the suffix, so
   `train/childes.train` and `dev/childes.dev` are both source `childes`. Documents inside a file:
     - if the file contains two or more consecutive blank lines, those separate documents
       (one blank line is a paragraph break inside a document);
     - otherwise the whole file is one document;
-    - a document longer than `CHUNK_LINES` lines is cut into consecutive chunks of that many
-      lines. Line-per-utterance corpora (BabyLM, subtitles) have no document markup at all, and
+    - a document longer than `data.lines_per_document` lines is cut into consecutive chunks of
+      that many lines. Line-per-utterance corpora (BabyLM, subtitles) have no document markup at all, and
       chunking gives the validation split and the BOS/EOS boundaries a useful granularity.
 * a `.jsonl` file (or `.jsonl.gz`, or a folder of them): one JSON object per line with the text in
   `data.text_field` and optionally the source name in `data.source_field` (default: the file's
@@ -31,8 +36,7 @@ from pathlib import Path
 from lm_pretrain.errors import LmpError
 from lm_pretrain.recipe import DataConfig
 
-CHUNK_LINES = 200
-ACCEPTED = "a folder of text files, a .jsonl file, or builtin:demo"
+ACCEPTED = "a BabyLM folder of <source>.train files, a folder of text files, a .jsonl file, or builtin:demo"
 _DOC_BREAK = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")  # two or more blank lines
 
 
@@ -45,7 +49,12 @@ class Document:
 
 
 def read_corpus(cfg: DataConfig) -> list[Document]:
-    """All documents of the corpus named by `cfg.path`, in a deterministic order."""
+    """All documents of the corpus named by `cfg.path`, in a deterministic order, within the
+    recipe's word budget."""
+    return apply_word_budget(_read_all(cfg), cfg)
+
+
+def _read_all(cfg: DataConfig) -> list[Document]:
     if cfg.path.startswith("builtin:"):
         if cfg.path != "builtin:demo":
             raise LmpError(f"data.path {cfg.path!r}: unknown built-in corpus; the only one is builtin:demo")
@@ -59,11 +68,19 @@ def read_corpus(cfg: DataConfig) -> list[Document]:
     fmt = cfg.format
     files = _list_files(path)
     if fmt == "auto":
-        fmt = "jsonl" if all(_is_jsonl(f) for f in files) else "text"
+        if all(_is_jsonl(f) for f in files):
+            fmt = "jsonl"
+        else:
+            fmt = "babylm" if any(f.name.endswith(".train") for f in files) else "text"
     if fmt == "jsonl":
         docs = [doc for f in files for doc in _read_jsonl(f, cfg)]
+    elif fmt == "babylm":
+        train_files = [f for f in files if f.name.endswith(".train")]
+        if not train_files:
+            raise LmpError(f"data.path {path}: format babylm needs <source>.train files, found none")
+        docs = [doc for f in train_files for doc in _read_line_blocks(f, cfg.lines_per_document)]
     else:
-        docs = [doc for f in files for doc in _read_text_file(f)]
+        docs = [doc for f in files for doc in _read_text_file(f, cfg.lines_per_document)]
     if not docs:
         raise LmpError(f"data.path {path}: the corpus has no documents (all files are empty)")
     return docs
@@ -91,21 +108,34 @@ def _source_name(path: Path) -> str:
     return name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
 
 
-def _read_text_file(path: Path) -> list[Document]:
+def _read_text(path: Path) -> str:
     try:
         with _open_text(path) as f:
-            text = f.read()
+            return f.read()
     except UnicodeDecodeError:
         raise LmpError(
             f"{path} is not UTF-8 text; remove it from the data folder or convert it to UTF-8"
         ) from None
+
+
+def _read_line_blocks(path: Path, lines_per_document: int) -> list[Document]:
+    lines = [line.rstrip() for line in _read_text(path).split("\n") if line.strip()]
+    source = _source_name(path)
+    return [
+        Document("\n".join(lines[i : i + lines_per_document]), source)
+        for i in range(0, len(lines), lines_per_document)
+    ]
+
+
+def _read_text_file(path: Path, lines_per_document: int) -> list[Document]:
+    text = _read_text(path)
     source = _source_name(path)
     blocks = _DOC_BREAK.split(text) if _DOC_BREAK.search(text) else [text]
     docs = []
     for block in blocks:
         lines = block.strip("\n").split("\n")
-        for start in range(0, len(lines), CHUNK_LINES):
-            chunk = "\n".join(lines[start : start + CHUNK_LINES]).strip()
+        for start in range(0, len(lines), lines_per_document):
+            chunk = "\n".join(lines[start : start + lines_per_document]).strip()
             if chunk:
                 docs.append(Document(chunk, source))
     return docs
@@ -196,6 +226,38 @@ def split_documents(
     train = [d for i, d in enumerate(docs) if i not in chosen]
     val = [d for i, d in enumerate(docs) if i in chosen]
     return train, val
+
+
+def apply_word_budget(docs: list[Document], cfg: DataConfig) -> list[Document]:
+    """The corpus within data.word_budget: unchanged if it fits, else an error or, with
+    data.over_budget: subsample, each source cut to its proportional share of the budget.
+
+    Subsampling keeps whole documents, chosen by the same order-independent hash as the split,
+    until the source's share is full, so it is deterministic and never exceeds the budget."""
+    budget = cfg.word_budget
+    if budget is None:
+        return docs
+    counts = word_counts(docs)
+    total = sum(counts.values())
+    if total <= budget:
+        return docs
+    if cfg.over_budget == "error":
+        per_source = ", ".join(f"{s} {n:,}" for s, n in counts.items())
+        raise LmpError(
+            f"data.path {cfg.path} has {total:,} words, over data.word_budget {budget:,} "
+            f"({per_source}); set data.over_budget: subsample to keep a proportional share of each "
+            "source, or use a smaller corpus"
+        )
+    share = {source: n * budget // total for source, n in counts.items()}
+    used = dict.fromkeys(counts, 0)
+    keep = set()
+    for i in sorted(range(len(docs)), key=lambda i: _doc_key(docs[i])):
+        doc = docs[i]
+        words = len(doc.text.split())
+        if used[doc.source] + words <= share[doc.source]:
+            used[doc.source] += words
+            keep.add(i)
+    return [d for i, d in enumerate(docs) if i in keep]
 
 
 def word_counts(docs: list[Document]) -> dict[str, int]:

@@ -53,7 +53,7 @@ def publish(tmp: Path, final: Path) -> None:
     """Atomically move a finished folder into place, replacing an older one of the same name."""
     _fsync_tree(tmp)
     if final.exists():
-        old = final.with_name(final.name + ".old")
+        old = final.with_name(f".old-{final.name}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(tmp, final)
@@ -83,12 +83,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def step_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete step checkpoints of a run, oldest first (temporary folders are ignored)."""
+    """Complete checkpoints of a run (step-<N> and milestone chck_<N>M folders), oldest first.
+    Temporary folders and folders without trainer_state.json are ignored."""
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
+    found = []
+    for path in folder.iterdir():
+        if path.name.startswith(".") or not (path / STATE_FILE).is_file():
+            continue
+        step = json.loads((path / STATE_FILE).read_text())["step"]
+        # at equal steps a step-N folder sorts last: it is the one resume reads
+        found.append((step, bool(_STEP_DIR.match(path.name)), path.name, path))
+    return [p for *_, p in sorted(found)]
 
 
 def save_checkpoint(
@@ -98,12 +105,15 @@ def save_checkpoint(
     tokenizer_dir: Path,
     state: dict[str, Any],
     keep_last: int,
+    name: str | None = None,
 ) -> Path:
-    """Write checkpoints/step-<N>/ atomically and prune all but the newest `keep_last`."""
+    """Write checkpoints/<name>/ (default step-<N>) atomically, then prune step-<N> folders to
+    the newest `keep_last`. Named (milestone) checkpoints are always kept."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{state['step']}"
-    tmp = folder / f".tmp-step-{state['step']}"
+    name = name or f"step-{state['step']}"
+    final = folder / name
+    tmp = folder / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     write_model_folder(model, tokenizer_dir, tmp, {"kind": "checkpoint", **state})
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -111,7 +121,7 @@ def save_checkpoint(
     # trainer_state.json last: its presence is what marks a checkpoint as complete
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     publish(tmp, final)
-    for old in step_checkpoints(run_dir)[:-keep_last]:
+    for old in [p for p in step_checkpoints(run_dir) if _STEP_DIR.match(p.name)][:-keep_last]:
         shutil.rmtree(old)
     return final
 

@@ -12,7 +12,13 @@ from lm_pretrain.train.trainer import total_steps
 
 
 def describe_schedule(recipe: Recipe, png: Path | None = None) -> Table:
-    steps = total_steps(recipe)
+    words_per_token = None
+    if recipe.max_words_seen is not None:  # the step count follows from the corpus's words per token
+        from lm_pretrain.data.prepare import prepare_data
+
+        data = prepare_data(recipe, console=None, show_progress=False)
+        words_per_token = sum(data.word_counts["train"].values()) / data.train.n_tokens
+    steps = total_steps(recipe, words_per_token)
     tokens_per_step = recipe.train.batch_size * recipe.seq_len
     schedule = make_schedule(recipe.schedule, steps, tokens_per_step)
     peak = recipe.optim.lr

@@ -25,7 +25,9 @@ from lm_pretrain.data.loader import IGNORE_INDEX, PackedWindows, validation_batc
 from lm_pretrain.data.prepare import prepare_data
 from lm_pretrain.data.tokenizer import save_hf_tokenizer, special_token_ids
 from lm_pretrain.errors import LmpError
+from lm_pretrain.milestones import milestone_name, milestone_words
 from lm_pretrain.model.decoder import Decoder, DecoderConfig
+from lm_pretrain.plot import write_run_plot
 from lm_pretrain.recipe import Recipe
 from lm_pretrain.track import MetricsSink, TrainProgress, truncate_metrics, write_status
 from lm_pretrain.train.checkpoint import (
@@ -127,10 +129,16 @@ def build_optimizer(model: Decoder, recipe: Recipe) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def total_steps(recipe: Recipe) -> int:
+def total_steps(recipe: Recipe, words_per_token: float | None = None) -> int:
+    """Optimizer steps of the run, from max_steps, max_tokens or the words-seen bound."""
+    tokens_per_step = recipe.train.batch_size * recipe.seq_len
     if recipe.train.max_steps is not None:
         return recipe.train.max_steps
-    return math.ceil(recipe.train.max_tokens / (recipe.train.batch_size * recipe.seq_len))
+    if recipe.train.max_tokens is not None:
+        return math.ceil(recipe.train.max_tokens / tokens_per_step)
+    if words_per_token is None:
+        raise ValueError("a words-seen bound needs the corpus's words per token")
+    return math.ceil(recipe.max_words_seen / (tokens_per_step * words_per_token))
 
 
 @torch.no_grad()
@@ -245,12 +253,17 @@ def _train(
     if start_from is not None and start_from.parent.parent == run_dir:
         _check_resumable(recipe, run_dir)
 
-    steps = total_steps(recipe)
+    with accelerator.main_process_first():
+        data = prepare_data(recipe, console=console if is_main else None, show_progress=is_main)
+    # words seen are counted at the corpus's average: windows are uniform samples of the stream
+    words_per_token = sum(data.word_counts["train"].values()) / data.train.n_tokens
+    main_steps = total_steps(recipe, words_per_token)
+    steps = main_steps
     decay = None
     if branch_record is not None and branch_record["decay_steps"] is not None:
         start = branch_record["parent_step"]
         steps = start + branch_record["decay_steps"]
-        base = make_schedule(recipe.schedule, total_steps(recipe), tokens_per_step)
+        base = make_schedule(recipe.schedule, main_steps, tokens_per_step)
         decay = Decay(
             start,
             branch_record["decay_steps"],
@@ -258,12 +271,8 @@ def _train(
             recipe.schedule.min_lr_ratio,
             recipe.schedule.decay_shape,
         )
-    schedule = make_schedule(
-        recipe.schedule, steps if decay is None else total_steps(recipe), tokens_per_step, decay
-    )
+    schedule = make_schedule(recipe.schedule, main_steps, tokens_per_step, decay)
 
-    with accelerator.main_process_first():
-        data = prepare_data(recipe, console=console if is_main else None, show_progress=is_main)
     ids = special_token_ids(data.tokenizer, recipe.tokenizer)
     tokenizer_dir = run_dir / "tokenizer"
     if is_main:
@@ -291,6 +300,7 @@ def _train(
         "step": 0,
         "samples": 0,
         "tokens": 0,
+        "words": 0,
         "val_loss": None,
         "first_val_loss": None,
         "seconds": 0.0,
@@ -315,12 +325,13 @@ def _train(
         n_params = accelerator.unwrap_model(model).num_parameters()
         console.print(
             f"model: {n_params / 1e6:.2f}M parameters | {steps} steps x {cfg.batch_size} sequences x "
-            f"{seq_len} tokens = {steps * tokens_per_step / 1e6:.1f}M tokens "
+            f"{seq_len} tokens = {steps * tokens_per_step / 1e6:.1f}M tokens, "
+            f"{steps * tokens_per_step * words_per_token / 1e6:.1f}M words "
             f"({steps * cfg.batch_size / windows.windows_per_epoch:.2f} epochs) | "
             f"{accelerator.device}, {recipe.train.precision}, {world} process(es), accumulation {accum}"
         )
 
-    def save(step_state: dict) -> None:
+    def save(step_state: dict, name: str | None = None) -> None:
         if is_main:
             save_checkpoint(
                 run_dir,
@@ -329,6 +340,7 @@ def _train(
                 tokenizer_dir,
                 step_state,
                 recipe.checkpoint.keep_last,
+                name,
             )
         accelerator.wait_for_everyone()
 
@@ -337,6 +349,7 @@ def _train(
         sink.log({"step": 0, "tokens": 0, "val_loss": state["val_loss"]})
 
     step = state["step"]
+    pending_milestones = [m for m in milestone_words() if m > state["words"]]
     started = time.perf_counter() - state["seconds"]
     interval_start, interval_tokens = time.perf_counter(), 0
     loss_acc = torch.zeros((), device=accelerator.device)
@@ -380,6 +393,7 @@ def _train(
             step += 1
             state["samples"] += cfg.batch_size
             state["tokens"] += tokens_per_step
+            state["words"] = round(state["tokens"] * words_per_token)
             interval_tokens += tokens_per_step
 
             record = None
@@ -390,6 +404,7 @@ def _train(
                 record = {
                     "step": step,
                     "tokens": state["tokens"],
+                    "words": state["words"],
                     "epoch": round(windows.epoch_of(state["samples"]), 4),
                     "loss": mean_loss,
                     "lr": lr,
@@ -401,20 +416,29 @@ def _train(
             if step % cfg.eval_every == 0 or step == steps:
                 state["val_loss"] = validation_loss(model, val_batches, accelerator)
                 record = {
-                    **(record or {"step": step, "tokens": state["tokens"]}),
+                    **(record or {"step": step, "tokens": state["tokens"], "words": state["words"]}),
                     "val_loss": state["val_loss"],
                 }
                 progress.print(f"step {step}: validation loss {state['val_loss']:.4f}")
             if record is not None:
                 sink.log(record)
+                if is_main and "val_loss" in record:
+                    write_run_plot(run_dir)  # <run>/progress.png: one file shows how the run goes
                 progress.update(step, record if "loss" in record else None)
             else:
                 progress.update(step)
 
             stopped = _any_process(stop.signum is not None, accelerator)
-            if step % recipe.checkpoint.every == 0 or step == steps or stopped:
+            crossed = [m for m in pending_milestones if m <= state["words"]]
+            due = step % recipe.checkpoint.every == 0 or step == steps or stopped
+            if due or crossed:
                 state["step"] = step
                 state["seconds"] = time.perf_counter() - started
+            for words in crossed:  # BabyLM milestones, named by words seen and always kept
+                save(dict(state), milestone_name(words))
+                progress.print(f"step {step}: {state['words']:,} words seen, saved {milestone_name(words)}")
+            pending_milestones = pending_milestones[len(crossed) :]
+            if due:
                 save(dict(state))
             if stopped:
                 progress.print(f"stopped by signal after step {step}; saved. Run the same command to resume.")
