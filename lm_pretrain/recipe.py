@@ -35,6 +35,9 @@ class DataConfig(Section):
     over_budget: Literal["error", "subsample"] = Field(
         "error", description="a corpus over the budget: stop, or keep a proportional share of each source"
     )
+    packing: Literal["concat", "document"] = Field(
+        "concat", description="document: no attention across packed documents, positions restart"
+    )
     validation_fraction: float = Field(0.01, ge=0.0, lt=0.5)
     cache_dir: str | None = Field(None, description="token shard cache; default $LMP_CACHE or ~/.cache/lmp")
 

@@ -45,3 +45,38 @@ def test_too_small_corpus_is_a_clear_error():
         PackedWindows(stream(20), 16, seed=0, bos_token_id=1)
     with pytest.raises(LmpError, match="validation split"):
         validation_batches(stream(10), 16, 1000, 4, 1)
+
+
+def test_document_masks_positions_and_blocks():
+    from lm_pretrain.data.loader import document_masks
+
+    inputs = torch.tensor([[7, 8, 1, 5, 6, 2, 1, 9]])  # a partial document, then two documents
+    positions, mask = document_masks(inputs, bos_token_id=1)
+    assert positions.tolist() == [[0, 1, 0, 1, 2, 3, 0, 1]]
+    m = mask[0, 0]
+    assert m.shape == (8, 8)
+    assert m[4].tolist() == [False, False, True, True, True, False, False, False]
+    assert m[7].tolist() == [False] * 6 + [True, True]
+    assert not m.triu(1).any()  # still causal
+
+
+def test_document_packing_isolates_documents():
+    """A token's logits do not change when the previous document changes."""
+    from lm_pretrain.data.loader import document_masks
+    from lm_pretrain.model.decoder import Decoder, DecoderConfig
+
+    torch.manual_seed(0)
+    config = DecoderConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2)
+    model = Decoder(config).eval()
+    second = [1, 20, 21, 22, 23, 2]
+    a = torch.tensor([[1, 10, 11, 12, 2, *second]])
+    b = torch.tensor([[1, 30, 31, 2, 40, 41, *second]])  # a different previous document, other length
+
+    def logits(x):
+        positions, mask = document_masks(x, 1)
+        return model(x, position_ids=positions, attn_mask=mask).logits[0, -len(second) :]
+
+    assert torch.allclose(logits(a), logits(b), atol=1e-6)
+    # without document masking the previous document leaks in
+    leak = (model(a).logits[0, -len(second) :] - model(b).logits[0, -len(second) :]).abs().max()
+    assert leak > 1e-3

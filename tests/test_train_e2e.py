@@ -54,3 +54,18 @@ def test_train_export_generate_resume(bible_corpus, tmp_path):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps.count(60) >= 1 and max(steps) == 80
     assert json.loads((run / "final" / "lmp.json").read_text())["step"] == 80
+
+
+@pytest.mark.slow
+def test_document_packing_trains(bible_corpus, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_run_args(
+        bible_corpus, tmp_path / "cache", 20, **{"data.packing": "document", "train.eval_every": 10}
+    )
+    run_cli(["train", *args, "--out", str(run)])
+    vals = [
+        r["val_loss"]
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if "val_loss" in r
+    ]
+    assert len(vals) == 3 and vals[-1] < vals[0] - 0.5

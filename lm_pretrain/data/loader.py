@@ -69,6 +69,24 @@ def split_inputs_targets(rows: torch.Tensor, bos_token_id: int) -> tuple[torch.T
     return inputs, targets
 
 
+def document_masks(inputs: torch.Tensor, bos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids and attention mask that keep packed documents apart (data.packing: document).
+
+    Every BOS starts a document: positions restart there, and a token attends only to earlier
+    tokens of its own document (a block-diagonal causal mask, True = may attend, [B, 1, T, T]).
+    The partial document a window starts inside counts as one document from position 0.
+    """
+    starts = inputs == bos_token_id
+    doc = torch.cumsum(starts.long(), dim=1)
+    index = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+    # the index of each token's document start: a running maximum of the start positions
+    start_index = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+    positions = index - start_index
+    causal = torch.ones(inputs.shape[1], inputs.shape[1], dtype=torch.bool, device=inputs.device).tril()
+    same_doc = doc.unsqueeze(2) == doc.unsqueeze(1)
+    return positions, (same_doc & causal).unsqueeze(1)
+
+
 def validation_batches(
     tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int, bos_token_id: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:

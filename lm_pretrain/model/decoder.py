@@ -39,6 +39,14 @@ class DecoderConfig:
     eos_token_id: int | None = None
     pad_token_id: int | None = None
 
+    def __post_init__(self) -> None:
+        # recipes are validated in recipe.py; this guards direct construction
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size}, num_heads {self.num_heads} and num_kv_heads "
+                f"{self.num_kv_heads} must divide evenly"
+            )
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads

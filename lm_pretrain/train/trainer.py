@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from lm_pretrain.data.loader import IGNORE_INDEX, PackedWindows, validation_batches
+from lm_pretrain.data.loader import IGNORE_INDEX, PackedWindows, document_masks, validation_batches
 from lm_pretrain.data.prepare import prepare_data
 from lm_pretrain.data.tokenizer import save_hf_tokenizer, special_token_ids
 from lm_pretrain.errors import LmpError
@@ -141,8 +141,20 @@ def total_steps(recipe: Recipe, words_per_token: float | None = None) -> int:
     return math.ceil(recipe.max_words_seen / (tokens_per_step * words_per_token))
 
 
+def forward_loss(
+    model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, bos_token_id: int | None
+) -> torch.Tensor:
+    """The model's loss on a batch; with a BOS id, packed documents are kept apart."""
+    if bos_token_id is None:
+        return model(inputs, targets).loss
+    positions, mask = document_masks(inputs, bos_token_id)
+    return model(inputs, targets, position_ids=positions, attn_mask=mask).loss
+
+
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, batches: list, accelerator: Accelerator) -> float:
+def validation_loss(
+    model: torch.nn.Module, batches: list, accelerator: Accelerator, document_bos: int | None = None
+) -> float:
     """Mean next-token cross-entropy (nats) over the fixed validation windows."""
     model.eval()
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -150,7 +162,7 @@ def validation_loss(model: torch.nn.Module, batches: list, accelerator: Accelera
     for inputs, targets in batches:
         inputs, targets = inputs.to(accelerator.device), targets.to(accelerator.device)
         with accelerator.autocast():
-            loss = model(inputs, targets).loss
+            loss = forward_loss(model, inputs, targets, document_bos)
         n = (targets != IGNORE_INDEX).sum()
         loss_sum += loss.float() * n
         count += n
@@ -319,6 +331,7 @@ def _train(
         model = torch.compile(model)
 
     windows = PackedWindows(data.train.tokens, seq_len, recipe.seed, ids["bos"])
+    document_bos = ids["bos"] if recipe.data.packing == "document" else None
     val_batches = validation_batches(data.val.tokens, seq_len, cfg.eval_tokens, micro, ids["bos"])
     sink = MetricsSink(run_dir, recipe, enabled=is_main)
     if is_main:
@@ -345,7 +358,9 @@ def _train(
         accelerator.wait_for_everyone()
 
     if start_from is None:
-        state["first_val_loss"] = state["val_loss"] = validation_loss(model, val_batches, accelerator)
+        state["first_val_loss"] = state["val_loss"] = validation_loss(
+            model, val_batches, accelerator, document_bos
+        )
         sink.log({"step": 0, "tokens": 0, "val_loss": state["val_loss"]})
 
     step = state["step"]
@@ -366,7 +381,7 @@ def _train(
                 # only the last micro-batch all-reduces gradients across processes
                 sync = accelerator.no_sync(model) if i < accum - 1 else nullcontext()
                 with sync:
-                    loss = model(inputs, targets).loss / accum
+                    loss = forward_loss(model, inputs, targets, document_bos) / accum
                     accelerator.backward(loss)
                 step_loss += loss.detach()
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip or math.inf)
@@ -414,7 +429,7 @@ def _train(
                 steps_acc = 0
                 interval_start, interval_tokens = now, 0
             if step % cfg.eval_every == 0 or step == steps:
-                state["val_loss"] = validation_loss(model, val_batches, accelerator)
+                state["val_loss"] = validation_loss(model, val_batches, accelerator, document_bos)
                 record = {
                     **(record or {"step": step, "tokens": state["tokens"], "words": state["words"]}),
                     "val_loss": state["val_loss"],
