@@ -164,11 +164,15 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy")] = 0.8,
     top_k: Annotated[int, typer.Option(min=1)] = 50,
     seed: int = 0,
+    prefix: Annotated[
+        str, typer.Option(help="conditioning text before the prompt, e.g. a MeCo model's metadata")
+    ] = "",
 ) -> None:
     """Sample a continuation of a prompt."""
     from lm_pretrain.generate import generate as sample
 
-    console.print(sample(model, prompt, max_new_tokens, temperature, top_k, seed), highlight=False)
+    prefix = prefix.replace("\\n", "\n")  # so that --prefix 'childes\n\n' means two newlines
+    console.print(sample(model, prompt, max_new_tokens, temperature, top_k, seed, prefix), highlight=False)
 
 
 @app.command("eval")

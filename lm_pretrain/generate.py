@@ -33,8 +33,12 @@ def generate(
     temperature: float = 0.8,
     top_k: int = 50,
     seed: int = 0,
+    prefix: str = "",
 ) -> str:
-    """Sample a continuation of `prompt` with transformers' generate (offline, local files only)."""
+    """Sample a continuation of `prompt` with transformers' generate (offline, local files only).
+
+    `prefix` is conditioning text placed before the prompt and left out of the result, e.g. the
+    metadata a MeCo model was trained with ("childes\n\n")."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -44,7 +48,7 @@ def generate(
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     torch.manual_seed(seed)
-    encoded = tokenizer(prompt, return_tensors="pt")
+    encoded = tokenizer(prefix + prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(
             **encoded,
@@ -55,4 +59,4 @@ def generate(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-    return tokenizer.decode(out[0], skip_special_tokens=True)
+    return tokenizer.decode(out[0], skip_special_tokens=True).removeprefix(prefix)

@@ -19,6 +19,24 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class MetadataConfig(Section):
+    """Metadata conditioning then cooldown (MeCo): documents start with their metadata, except
+    in the last cooldown_fraction of training tokens."""
+
+    field: str = Field("source", description="source (the corpus source) or the name of a jsonl field")
+    kind: Literal["text", "url"] = Field("text", description="url: the value is reduced to its domain")
+    template: str | None = Field(
+        None, description='default "URL: {value}\\n\\n" for urls, else "{value}\\n\\n"'
+    )
+    cooldown_fraction: float = Field(0.1, ge=0, le=1)
+
+    @property
+    def resolved_template(self) -> str:
+        if self.template is not None:
+            return self.template
+        return "URL: {value}\n\n" if self.kind == "url" else "{value}\n\n"
+
+
 class DataConfig(Section):
     path: str = Field(
         "builtin:demo", description="a BabyLM folder, a folder of text files, a .jsonl file, or builtin:demo"
@@ -35,6 +53,7 @@ class DataConfig(Section):
     over_budget: Literal["error", "subsample"] = Field(
         "error", description="a corpus over the budget: stop, or keep a proportional share of each source"
     )
+    metadata: MetadataConfig | None = None
     packing: Literal["concat", "document"] = Field(
         "concat", description="document: no attention across packed documents, positions restart"
     )

@@ -46,6 +46,8 @@ class Document:
     source: str
     # meta does not take part in equality or hashing (dicts are unhashable)
     meta: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    # text placed before the document and never trained on (metadata conditioning)
+    prefix: str = ""
 
 
 def read_corpus(cfg: DataConfig) -> list[Document]:

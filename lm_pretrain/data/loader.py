@@ -18,8 +18,20 @@ IGNORE_INDEX = -100
 
 
 class PackedWindows:
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, bos_token_id: int) -> None:
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        seed: int,
+        bos_token_id: int,
+        doc_offsets: np.ndarray | None = None,
+        prefix_lengths: np.ndarray | None = None,
+    ) -> None:
+        """With `prefix_lengths` (and the documents' offsets), the prefix tokens that follow each
+        document's BOS are inputs only: no loss is taken on them (metadata conditioning)."""
         self.tokens = tokens
+        self.doc_offsets = doc_offsets
+        self.prefix_lengths = prefix_lengths
         self.seq_len = seq_len
         self.seed = seed
         self.bos_token_id = bos_token_id
@@ -41,17 +53,32 @@ class PackedWindows:
             self._order = rng.permutation(self.windows_per_epoch)
             self._epoch = epoch
 
-    def window(self, sample: int) -> np.ndarray:
-        """The seq_len + 1 tokens of global sample number `sample`."""
+    def start(self, sample: int) -> int:
+        """Where in the token stream global sample number `sample` starts."""
         epoch, index = divmod(sample, self.windows_per_epoch)
         self._set_epoch(epoch)
-        start = self._offset + int(self._order[index]) * self.seq_len
+        return self._offset + int(self._order[index]) * self.seq_len
+
+    def window(self, sample: int) -> np.ndarray:
+        """The seq_len + 1 tokens of global sample number `sample`."""
+        start = self.start(sample)
         return self.tokens[start : start + self.seq_len + 1]
 
     def batch(self, first_sample: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and aligned targets for samples first_sample .. first_sample + size - 1."""
-        rows = np.stack([self.window(first_sample + i) for i in range(size)]).astype(np.int64)
-        return split_inputs_targets(torch.from_numpy(rows), self.bos_token_id)
+        starts = [self.start(first_sample + i) for i in range(size)]
+        rows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        inputs, targets = split_inputs_targets(torch.from_numpy(rows), self.bos_token_id)
+        if self.prefix_lengths is not None:
+            # target t of a window is stream position start + 1 + t
+            positions = np.asarray(starts)[:, None] + 1 + np.arange(self.seq_len)[None, :]
+            targets[torch.from_numpy(self._in_prefix(positions))] = IGNORE_INDEX
+        return inputs, targets
+
+    def _in_prefix(self, positions: np.ndarray) -> np.ndarray:
+        doc = np.searchsorted(self.doc_offsets, positions, side="right") - 1
+        into = positions - self.doc_offsets[doc]  # 0 is the document's BOS
+        return (into >= 1) & (into <= self.prefix_lengths[doc])
 
     def epoch_of(self, samples_done: int) -> float:
         return samples_done / self.windows_per_epoch

@@ -29,6 +29,7 @@ from rich.table import Table
 from tokenizers import Tokenizer
 
 from lm_pretrain.data.corpus import Document, corpus_fingerprint, read_corpus, split_documents, word_counts
+from lm_pretrain.data.metadata import with_metadata
 from lm_pretrain.data.shards import FORMAT_VERSION, META, TokenShard, build_shards, open_shard, read_meta
 from lm_pretrain.data.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
 from lm_pretrain.errors import LmpError
@@ -48,6 +49,7 @@ class PreparedData:
     unigram_entropy: float  # nats/token of the train tokens' unigram distribution
     reused: bool  # the token shards came from the cache
     special_ids: dict[str, int]  # pad, bos, eos, mask
+    train_meta: TokenShard | None = None  # the train split with metadata prefixes (data.metadata)
 
 
 def cache_root(recipe: Recipe) -> Path:
@@ -159,11 +161,16 @@ def prepare_data(recipe: Recipe, console: Console | None = None, show_progress: 
     tok, tok_path = _prepare_tokenizer(recipe, train_docs, root, console, show_progress)
     ids = special_token_ids(tok, recipe.tokenizer)
 
+    metadata = recipe.data.metadata
+    shard_splits = dict(splits)
+    if metadata is not None:  # MeCo: the train documents again, each after its metadata prefix
+        shard_splits["train_meta"] = with_metadata(train_docs, metadata)
     key = _key(
         corpus_fingerprint(docs),
         repr(recipe.data.validation_fraction),
         tok_path.read_bytes(),
         str(FORMAT_VERSION),
+        metadata.model_dump_json() if metadata is not None else "",
     )
     folder = root / "shards" / key
     reused = folder.exists()  # only a finished build is renamed into place; open_shard checks it
@@ -174,7 +181,7 @@ def prepare_data(recipe: Recipe, console: Console | None = None, show_progress: 
 
         def build(tmp: Path) -> None:
             build_shards(
-                splits,
+                shard_splits,
                 tok,
                 tmp,
                 bos_id=ids["bos"],
@@ -189,6 +196,7 @@ def prepare_data(recipe: Recipe, console: Console | None = None, show_progress: 
     # a fresh build was hashed as it was written; only a reused cache needs its bytes re-read
     train = open_shard(folder, "train", verify=reused)
     val = open_shard(folder, "val", verify=reused)
+    train_meta = open_shard(folder, "train_meta", verify=reused) if metadata is not None else None
     meta = read_meta(folder)
     entropy = float(meta["splits"]["train"]["unigram_entropy"])
     words = sum(counts["train"].values())
@@ -208,4 +216,5 @@ def prepare_data(recipe: Recipe, console: Console | None = None, show_progress: 
         unigram_entropy=entropy,
         reused=reused,
         special_ids=ids,
+        train_meta=train_meta,
     )

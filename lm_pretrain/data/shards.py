@@ -5,11 +5,14 @@ Layout of a shard folder, per split name (e.g. "train", "val"):
     <name>.tokens.bin   all token ids back to back, uint16 when the vocabulary fits, else uint32
     <name>.docs.npy     int64 start offset of every document, plus the end (n_docs + 1 entries)
     <name>.sources.npy  int32 index into meta.json's "sources" for every document
+    <name>.prefix.npy   (splits with metadata prefixes only) int32 prefix tokens per document
     meta.json           dtype, counts, source names, unigram entropy, byte size and blake2b of
                         every file, and "complete": true. It is written last and atomically,
                         so a folder without it (or with "complete" false) was never finished.
 
-A document is stored as its tokenizer encoding (which starts with BOS) followed by EOS.
+A document is stored as its tokenizer encoding (which starts with BOS) followed by EOS; with a
+metadata prefix, as BOS + prefix tokens + text tokens + EOS, the prefix encoded on its own so the
+boundary is exact.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class TokenShard:
     doc_offsets: np.ndarray
     doc_sources: np.ndarray
     sources: list[str]
+    prefix_lengths: np.ndarray | None = None  # tokens after each document's BOS that carry no loss
 
     @property
     def n_tokens(self) -> int:
@@ -155,17 +159,24 @@ def _write_split(name, docs, tok, out_dir, dtype, source_id, bos_id, eos_id, pro
     lengths: list[np.ndarray] = []
     counts = np.zeros(tok.get_vocab_size(), dtype=np.int64)
     n_tokens = 0
+    with_prefix = any(doc.prefix for doc in docs)
+    prefix_lengths: list[int] = []
     start = time.perf_counter()
     with open(out_dir / bin_name, "wb") as f:
         for batch in _batches(docs):
             encodings = tok.encode_batch([doc.text for doc in batch])
+            prefixes = [[] for _ in batch]
+            if with_prefix:
+                prefixes = [
+                    e.ids for e in tok.encode_batch([d.prefix for d in batch], add_special_tokens=False)
+                ]
+                prefix_lengths.extend(len(p) for p in prefixes)
             pieces = []
-            for enc in encodings:
-                ids = enc.ids
-                # a loaded tokenizer may already add BOS/EOS itself; never store them twice
-                head = [] if ids[:1] == [bos_id] else [bos_id]
+            for enc, prefix in zip(encodings, prefixes, strict=True):
+                ids = enc.ids[1:] if enc.ids[:1] == [bos_id] else enc.ids
+                # a loaded tokenizer may already add EOS itself; never store it twice
                 tail = [] if ids[-1:] == [eos_id] and len(ids) > 1 else [eos_id]
-                pieces.append(np.array(head + ids + tail, dtype=dtype))
+                pieces.append(np.array([bos_id] + prefix + ids + tail, dtype=dtype))
             lengths.append(np.array([len(p) for p in pieces], dtype=np.int64))
             flat = np.concatenate(pieces)
             counts += np.bincount(flat, minlength=counts.shape[0])[: counts.shape[0]]
@@ -180,8 +191,12 @@ def _write_split(name, docs, tok, out_dir, dtype, source_id, bos_id, eos_id, pro
     np.cumsum(all_lengths, out=offsets[1:])
     np.save(out_dir / docs_name, offsets)
     np.save(out_dir / sources_name, np.array([source_id[d.source] for d in docs], dtype=np.int32))
+    names = [bin_name, docs_name, sources_name]
+    if with_prefix:
+        np.save(out_dir / f"{name}.prefix.npy", np.array(prefix_lengths, dtype=np.int32))
+        names.append(f"{name}.prefix.npy")
     files = {}
-    for file_name in (bin_name, docs_name, sources_name):
+    for file_name in names:
         path = out_dir / file_name
         _fsync(path)
         files[file_name] = {"bytes": path.stat().st_size, "blake2b": file_digest(path)}
@@ -244,9 +259,11 @@ def open_shard(folder: Path, name: str, verify: bool = True) -> TokenShard:
         tokens = np.memmap(folder / bin_name, dtype=dtype, mode="r", shape=(n_tokens,))
     else:  # numpy cannot map an empty file
         tokens = np.zeros(0, dtype=dtype)
+    prefix_name = f"{name}.prefix.npy"
     return TokenShard(
         tokens=tokens,
         doc_offsets=np.load(folder / docs_name),
         doc_sources=np.load(folder / sources_name),
         sources=list(meta["sources"]),
+        prefix_lengths=np.load(folder / prefix_name) if prefix_name in split["files"] else None,
     )

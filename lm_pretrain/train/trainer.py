@@ -331,6 +331,15 @@ def _train(
         model = torch.compile(model)
 
     windows = PackedWindows(data.train.tokens, seq_len, recipe.seed, ids["bos"])
+    # MeCo: windows of the metadata-prefixed documents until the cooldown, then plain ones. The
+    # switch is read off the global token count, so a resumed run switches at the same step.
+    meta_windows, meta_until = None, 0
+    if data.train_meta is not None:
+        meta = data.train_meta
+        meta_windows = PackedWindows(
+            meta.tokens, seq_len, recipe.seed, ids["bos"], meta.doc_offsets, meta.prefix_lengths
+        )
+        meta_until = round((1 - recipe.data.metadata.cooldown_fraction) * steps) * tokens_per_step
     document_bos = ids["bos"] if recipe.data.packing == "document" else None
     val_batches = validation_batches(data.val.tokens, seq_len, cfg.eval_tokens, micro, ids["bos"])
     sink = MetricsSink(run_dir, recipe, enabled=is_main)
@@ -374,9 +383,12 @@ def _train(
     with TrainProgress(console, steps, step, enabled=is_main) as progress:
         while step < steps:
             first = state["samples"] + accelerator.process_index * micro * accum
+            source = meta_windows if state["tokens"] < meta_until else windows
+            if meta_windows is not None and state["tokens"] == meta_until:
+                progress.print(f"step {step}: metadata cooldown begins, documents without their prefixes")
             step_loss = torch.zeros((), device=accelerator.device)
             for i in range(accum):
-                inputs, targets = windows.batch(first + i * micro, micro)
+                inputs, targets = source.batch(first + i * micro, micro)
                 inputs, targets = inputs.to(accelerator.device), targets.to(accelerator.device)
                 # only the last micro-batch all-reduces gradients across processes
                 sync = accelerator.no_sync(model) if i < accum - 1 else nullcontext()
