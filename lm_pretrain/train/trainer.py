@@ -104,7 +104,7 @@ class StopFlag:
         self.signum = signum
 
 
-def _accelerator(precision: str) -> Accelerator:
+def make_accelerator(precision: str) -> Accelerator:
     on_gpu = torch.cuda.is_available()
     if precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
         precision = "fp16"  # older GPUs: fp16 autocast with a loss scaler instead
@@ -247,7 +247,7 @@ def _train(
 ) -> TrainResult:
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
-    accelerator = _accelerator(recipe.train.precision)
+    accelerator = make_accelerator(recipe.train.precision)
     is_main = accelerator.is_main_process
     world = accelerator.num_processes
     cfg = recipe.train

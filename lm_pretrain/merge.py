@@ -1,0 +1,528 @@
+"""`lmp merge-checkpoints`: average the weights of several checkpoints of one run, streaming.
+
+Averaging checkpoints of one run is a cheap stand-in for (or complement to) learning-rate decay
+and a way to judge a constant-LR run mid-way. The inputs are lmp checkpoints or transformers
+folders (config.json + model.safetensors, or a sharded model.safetensors.index.json); the output is
+a transformers folder with the first input's config and tokenizer files, plus lmp.json that records
+the inputs, their weights and the method.
+
+Memory: tensors are read one name at a time from every input and summed in fp32, each sum cast to
+the inputs' dtype as soon as it is complete. So the process holds the output model plus one fp32
+tensor and one input tensor, however many inputs there are (scripts/bench_merge_rss.py measures
+it). The greedy soup also keeps an fp32 running sum and a model to score, about three models.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lm_pretrain.errors import LmpError
+
+METHODS = ("uniform", "weighted", "ema", "loss", "greedy")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+STATE_FILE = "trainer_state.json"
+PROVENANCE_FILE = "lmp.json"
+# files that make up a tokenizer in a transformers folder; the output takes the first input's
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+# copied to the output when present (they describe the model, not one checkpoint's training)
+EXTRA_FILES = ("generation_config.json",)
+# config.json keys that do not describe the architecture: they may differ between inputs
+_CONFIG_IGNORED = {"transformers_version", "_name_or_path", "torch_dtype", "dtype"}
+# scores a model: its validation loss in nats/token, lower is better
+Scorer = Callable[[torch.nn.Module], float]
+
+
+@dataclass
+class MergeInput:
+    """One input folder and what its files say about it."""
+
+    path: Path
+    files: dict[str, Path]  # tensor name -> the safetensors file holding it
+    step: int | None = None
+    val_loss: float | None = None  # recorded at this checkpoint's own step (None: unknown or stale)
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    method: str
+    inputs: list[MergeInput]
+    weights: list[float]
+    val_loss: float | None = None  # the greedy soup's score on the run's validation data
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def resolve_inputs(paths: list[Path], run: Path | None, last_k: int | None) -> list[Path]:
+    """The explicit folders, else the run's checkpoints (the newest `last_k` when given)."""
+    from lm_pretrain.train.checkpoint import step_checkpoints
+
+    if last_k is not None and run is None:
+        raise LmpError("--last-k K needs --run RUN (the run whose newest K checkpoints to merge)")
+    if paths and last_k is not None:
+        raise LmpError("give either checkpoint folders or --run RUN --last-k K, not both")
+    if paths:
+        return list(paths)
+    if run is None:
+        raise LmpError("nothing to merge: pass checkpoint folders, or --run RUN [--last-k K]")
+    # a run may hold two folders of one step (a milestone copy beside step-N): count each step once
+    by_step = {(_read_json(p / STATE_FILE) or {}).get("step", p.name): p for p in step_checkpoints(run)}
+    found = list(by_step.values())
+    if not found:
+        raise LmpError(f"{run / 'checkpoints'} holds no complete step-N checkpoint; is {run} a run folder?")
+    return found[-last_k:] if last_k is not None else found
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, for a single-file or a sharded folder."""
+    single, index = folder / WEIGHTS_FILE, folder / INDEX_FILE
+    try:
+        if single.is_file():
+            with safe_open(str(single), "pt") as handle:
+                return dict.fromkeys(handle.keys(), single)
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {name: folder / shard for name, shard in weight_map.items()}
+    except (SafetensorError, OSError, json.JSONDecodeError, KeyError) as exc:
+        raise LmpError(f"the weights of {folder} cannot be read ({exc}); is the folder complete?") from None
+    raise LmpError(
+        f"{folder} has no {WEIGHTS_FILE} (nor {INDEX_FILE}); pass an lmp checkpoint or a transformers "
+        "folder saved with safetensors (save_pretrained(..., safe_serialization=True))"
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LmpError(f"{path} is not valid JSON ({exc})") from None
+    return data if isinstance(data, dict) else None
+
+
+def _logged_val_losses(run_dir: Path) -> dict[int, float] | None:
+    """step -> val_loss from a run's metrics.jsonl, or None when the run has no metrics file."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    losses = {}
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if isinstance(record, dict) and record.get("val_loss") is not None and "step" in record:
+            losses[int(record["step"])] = float(record["val_loss"])
+    return losses
+
+
+def read_input(folder: Path) -> MergeInput:
+    """An input's weight files, and its step and validation loss when lmp recorded them."""
+    if not folder.is_dir():
+        raise LmpError(
+            f"input {folder} is not a folder; pass checkpoint folders (runs/<name>/checkpoints/step-N)"
+        )
+    if not (folder / CONFIG_FILE).is_file():
+        raise LmpError(
+            f"input {folder} has no {CONFIG_FILE}; pass an lmp checkpoint or a transformers folder"
+        )
+    item = MergeInput(folder, _weight_files(folder))
+    # trainer_state.json is a checkpoint's own record; lmp.json is written into every lmp folder
+    state = _read_json(folder / STATE_FILE) or _read_json(folder / PROVENANCE_FILE) or {}
+    if isinstance(state.get("step"), int):
+        item.step = state["step"]
+    if isinstance(state.get("val_loss"), int | float):
+        item.val_loss = float(state["val_loss"])
+    # The trainer records the latest evaluation in each checkpoint, which is stale when eval_every
+    # does not divide checkpoint.every. The run's metrics.jsonl says which steps were evaluated.
+    logged = _logged_val_losses(folder.parent.parent) if folder.parent.name == "checkpoints" else None
+    if logged is not None and item.step is not None:
+        item.val_loss = logged.get(item.step)
+    return item
+
+
+def check_compatible(inputs: list[MergeInput]) -> None:
+    """LmpError naming the first difference in config, tokenizer, tensor names, shapes or dtypes."""
+    first = inputs[0]
+    base_config = _read_json(first.path / CONFIG_FILE) or {}
+    base_specs = _tensor_specs(first)
+    for other in inputs[1:]:
+        pair = f"{other.path} and {first.path}"
+        config = _read_json(other.path / CONFIG_FILE) or {}
+        for key in [*base_config, *(k for k in config if k not in base_config)]:
+            if key not in _CONFIG_IGNORED and base_config.get(key) != config.get(key):
+                raise LmpError(
+                    f"{pair} are different models: config.json {key} is {config.get(key)!r} vs "
+                    f"{base_config.get(key)!r}; merge only checkpoints of one model"
+                )
+        for name in TOKENIZER_FILES:
+            a, b = first.path / name, other.path / name
+            if a.is_file() != b.is_file() or (a.is_file() and a.read_bytes() != b.read_bytes()):
+                raise LmpError(
+                    f"{pair} have different tokenizers: {name} differs (or is missing in one); "
+                    "merge only checkpoints trained with one tokenizer"
+                )
+        specs = _tensor_specs(other)
+        for name in [*base_specs, *(k for k in specs if k not in base_specs)]:
+            if name not in specs or name not in base_specs:
+                holder, lacker = (first, other) if name in base_specs else (other, first)
+                raise LmpError(
+                    f"{holder.path} has tensor {name} that {lacker.path} lacks; merge only checkpoints of one model"
+                )
+            if specs[name] != base_specs[name]:
+                raise LmpError(
+                    f"{pair} differ in tensor {name}: shape/dtype {specs[name]} vs {base_specs[name]}; "
+                    "merge only checkpoints of one model saved in one dtype"
+                )
+
+
+def _tensor_specs(item: MergeInput) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape), read from the safetensors headers without loading any tensor."""
+    specs = {}
+    for path in dict.fromkeys(item.files.values()):
+        with safe_open(str(path), "pt") as handle:
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                specs[name] = (piece.get_dtype(), tuple(piece.get_shape()))
+    return specs
+
+
+# ------------------------------------------------------------------ weights per method
+
+
+def normalise(weights: list[float]) -> list[float]:
+    """Weights scaled to sum to 1; LmpError for negative, non-finite or all-zero weights."""
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise LmpError(f"--weights must be finite and >= 0, got {weights}")
+    total = sum(weights)
+    if total <= 0:
+        raise LmpError(f"--weights must not all be zero, got {weights}")
+    return [w / total for w in weights]
+
+
+def ema_weights(steps: list[int], decay: float) -> list[float]:
+    """decay ** (newest step - step), normalised: an EMA of the weights sampled at these steps."""
+    if not 0 < decay <= 1:
+        raise LmpError(f"--decay must be in (0, 1], got {decay}")
+    newest = max(steps)
+    # in log space, so a long gap underflows to 0 instead of raising
+    return normalise([math.exp((newest - s) * math.log(decay)) for s in steps])
+
+
+def loss_weights(losses: list[float], penalty: float) -> list[float]:
+    """exp(-penalty * (loss - best loss)), normalised: 0 is uniform, large keeps the best alone."""
+    if penalty < 0:
+        raise LmpError(f"--penalty must be >= 0, got {penalty}")
+    best = min(losses)
+    return normalise([math.exp(-penalty * (loss - best)) for loss in losses])
+
+
+# ------------------------------------------------------------------ streaming average
+
+
+def _read_tensor(path: Path, name: str) -> torch.Tensor:
+    # Open per tensor: safetensors memory-maps the file, and the pages read stay resident (and
+    # count in RSS) until the file is closed; keeping all inputs open would grow memory with
+    # their number.
+    with safe_open(str(path), "pt") as handle:
+        return handle.get_tensor(name)
+
+
+def averaged_tensors(
+    inputs: list[MergeInput], weights: list[float]
+) -> Iterator[tuple[str, torch.Tensor, torch.dtype]]:
+    """(name, fp32 weighted sum, the inputs' dtype) per tensor, in the first input's order."""
+    for name in inputs[0].files:
+        total, dtype = None, None
+        for item, weight in zip(inputs, weights, strict=True):
+            if weight == 0:
+                continue  # the greedy soup leaves inputs out with weight 0: skip reading them
+            tensor = _read_tensor(item.files[name], name)
+            if not tensor.is_floating_point():
+                raise LmpError(
+                    f"{item.path}: tensor {name} is {tensor.dtype}; only floating-point weights average"
+                )
+            dtype = tensor.dtype
+            if total is None:
+                total = tensor.to(torch.float32) * weight
+            else:
+                total.add_(tensor.to(torch.float32), alpha=weight)
+            del tensor
+        yield name, total, dtype
+
+
+def write_average(inputs: list[MergeInput], weights: list[float], folder: Path) -> None:
+    """model.safetensors in `folder`: the weighted average, each tensor in the inputs' dtype."""
+    out: dict[str, torch.Tensor] = {}
+    for name, total, dtype in averaged_tensors(inputs, weights):
+        out[name] = total.to(dtype)  # no copy when the inputs are fp32
+        del total
+    save_file(out, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+# ------------------------------------------------------------------ scoring on a run's validation data
+
+
+class RunScorer:
+    """Validation loss of a set of weights on a run's own validation windows, as the trainer scores."""
+
+    def __init__(self, run_dir: Path) -> None:
+        from lm_pretrain.data.loader import validation_batches
+        from lm_pretrain.data.prepare import prepare_data
+        from lm_pretrain.recipe import load_recipe
+        from lm_pretrain.train.trainer import make_accelerator
+
+        recipe_path = run_dir / "recipe.yaml"
+        if not recipe_path.is_file():
+            raise LmpError(
+                f"{recipe_path} is missing: scoring needs the run's recipe to find its validation data; "
+                "pass --run RUN pointing at the run folder that holds recipe.yaml"
+            )
+        self.run_dir = run_dir
+        self.recipe = load_recipe(recipe_path)
+        data = prepare_data(self.recipe, console=None, show_progress=False)  # cached after training
+        micro = self.recipe.train.micro_batch_size or self.recipe.train.batch_size
+        self.batches = validation_batches(
+            data.val.tokens,
+            self.recipe.seq_len,
+            self.recipe.train.eval_tokens,
+            micro,
+            data.special_ids["bos"],
+        )
+        self.accelerator = make_accelerator(self.recipe.train.precision)
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        from lm_pretrain.train.trainer import validation_loss
+
+        return validation_loss(model.to(self.accelerator.device), self.batches, self.accelerator)
+
+
+def _find_run(inputs: list[MergeInput], run: Path | None) -> Path | None:
+    """--run, else the run folder that all inputs are checkpoints of."""
+    if run is not None:
+        return run
+    parents = {i.path.resolve().parent for i in inputs}
+    if len(parents) == 1:
+        (folder,) = parents
+        if folder.name == "checkpoints" and (folder.parent / "recipe.yaml").is_file():
+            return folder.parent
+    return None
+
+
+def _decoder_for(inputs: list[MergeInput]):
+    from lm_pretrain.model.decoder import Decoder
+    from lm_pretrain.model.export import decoder_config_from_hf
+
+    config_path = inputs[0].path / CONFIG_FILE
+    try:
+        return Decoder(decoder_config_from_hf(_read_json(config_path) or {}))
+    except LmpError as exc:
+        raise LmpError(f"{config_path}: {exc}; scoring needs a model lmp's decoder can run") from None
+
+
+def _load_fp32(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    missing = [k for k in model.state_dict() if k not in tensors and k != "lm_head.weight"]
+    if missing:
+        raise LmpError(f"the checkpoints lack {missing[0]}, which lmp's decoder needs to score them")
+    model.load_state_dict(tensors, strict=False)
+
+
+def _fp32_weights(item: MergeInput) -> dict[str, torch.Tensor]:
+    return {name: total for name, total, _ in averaged_tensors([item], [1.0])}
+
+
+def score_inputs(inputs: list[MergeInput], get_scorer: Callable[[], Scorer]) -> list[float]:
+    """Each input's validation loss: the recorded one when fresh, else scored now."""
+    model = None
+    for item in inputs:
+        if item.val_loss is None:
+            model = model or _decoder_for(inputs)
+            _load_fp32(model, _fp32_weights(item))
+            item.val_loss = get_scorer()(model)
+    return [item.val_loss for item in inputs]
+
+
+def greedy_soup(inputs: list[MergeInput], scorer: Scorer) -> tuple[list[float], float, list[dict[str, Any]]]:
+    """Add inputs best-first to a uniform soup, keeping each only if the soup's loss improves.
+
+    Returns the weights (1/kept for kept inputs, 0 for the rest), the soup's loss and a log.
+    """
+    losses = score_inputs(inputs, lambda: scorer)
+    order = sorted(range(len(inputs)), key=lambda i: losses[i])
+    model = _decoder_for(inputs)
+    # fp32 running sum of the kept inputs; a candidate soup is (sum + candidate) / (kept + 1)
+    soup_sum = _fp32_weights(inputs[order[0]])
+    kept = [order[0]]
+    _load_fp32(model, soup_sum)
+    best = scorer(model)  # rescored, so every comparison below uses one scorer
+    log = [{"input": str(inputs[order[0]].path), "soup_val_loss": best, "kept": True}]
+    for index in order[1:]:
+        candidate = _fp32_weights(inputs[index])
+        n = len(kept) + 1
+        _load_fp32(model, {name: (soup_sum[name] + candidate[name]) / n for name in soup_sum})
+        loss = scorer(model)
+        keep = loss < best
+        log.append({"input": str(inputs[index].path), "soup_val_loss": loss, "kept": keep})
+        if keep:
+            for name in soup_sum:
+                soup_sum[name].add_(candidate[name])
+            kept.append(index)
+            best = loss
+        del candidate
+    weights = [1.0 / len(kept) if i in kept else 0.0 for i in range(len(inputs))]
+    return weights, best, log
+
+
+# ------------------------------------------------------------------ the command
+
+
+def merge_checkpoints(
+    paths: list[Path],
+    out: Path,
+    method: str | None = None,
+    weights: list[float] | None = None,
+    decay: float = 0.99,
+    penalty: float = 10.0,
+    run: Path | None = None,
+    last_k: int | None = None,
+    force: bool = False,
+    scorer: Scorer | None = None,
+) -> MergeResult:
+    """Average checkpoints into `out` (see the module docstring); `scorer` overrides the run's."""
+    method = method or ("weighted" if weights else "uniform")
+    if method not in METHODS:
+        raise LmpError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if weights and method != "weighted":
+        raise LmpError(f"--weights goes with --method weighted, not {method}")
+    folders = resolve_inputs(paths, run, last_k)
+    _check_output(out, folders, force)
+    inputs = [read_input(folder) for folder in folders]
+    if len({i.path.resolve() for i in inputs}) != len(inputs):
+        raise LmpError("an input is given twice; to count one checkpoint more, use --method weighted")
+    check_compatible(inputs)
+    if not any((inputs[0].path / name).is_file() for name in TOKENIZER_FILES):
+        raise LmpError(
+            f"{inputs[0].path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...), so the merged "
+            "folder would not load with its tokenizer; copy the run's tokenizer files into the inputs"
+        )
+
+    @functools.cache  # data preparation (cached on disk) and the validation windows: once
+    def run_scorer() -> Scorer:
+        if scorer is not None:
+            return scorer
+        run_dir = _find_run(inputs, run)
+        if run_dir is None:
+            raise LmpError(
+                f"method {method} scores models on a run's validation data (soups, and inputs whose loss "
+                "was not recorded at their own step), and the inputs are not checkpoints of one run "
+                "folder; pass --run RUN, the run whose recipe.yaml names that data"
+            )
+        return RunScorer(run_dir)
+
+    soup_loss, details = None, {}
+    if method == "uniform":
+        chosen = normalise([1.0] * len(inputs))
+    elif method == "weighted":
+        if not weights or len(weights) != len(inputs):
+            raise LmpError(
+                f"--method weighted needs one weight per input: {len(inputs)} inputs, "
+                f"{len(weights or [])} weights (e.g. --weights 1,2,3)"
+            )
+        chosen = normalise(weights)
+    elif method == "ema":
+        missing = [i.path for i in inputs if i.step is None]
+        if missing:
+            raise LmpError(
+                f"--method ema weights by training step, and {missing[0]} records none "
+                f"({STATE_FILE} or {PROVENANCE_FILE} with 'step'); use --method uniform or weighted"
+            )
+        chosen = ema_weights([i.step for i in inputs], decay)
+        details = {"decay": decay}
+    elif method == "loss":
+        losses = score_inputs(inputs, run_scorer)
+        chosen = loss_weights(losses, penalty)
+        details = {"penalty": penalty}
+    else:
+        chosen, soup_loss, log = greedy_soup(inputs, run_scorer())
+        details = {"greedy": log}
+
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_output(inputs, chosen, tmp, method, soup_loss, details)
+        from lm_pretrain.train.checkpoint import publish
+
+        publish(tmp, out)  # fsync and rename: a kill never leaves a half-written output
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return MergeResult(out, method, inputs, chosen, soup_loss, details)
+
+
+def _check_output(out: Path, folders: list[Path], force: bool) -> None:
+    resolved = out.resolve()
+    for folder in folders:
+        # replacing --out must never delete an input, and writing it must never add to one
+        if folder.resolve().is_relative_to(resolved) or resolved.is_relative_to(folder.resolve()):
+            raise LmpError(
+                f"--out {out} overlaps the input {folder}; inputs are never modified, pick another --out"
+            )
+    if out.exists() and not force:
+        raise LmpError(f"--out {out} already exists; pass --force to replace it, or pick another folder")
+    if out.exists() and not out.is_dir():
+        raise LmpError(f"--out {out} is a file; pick a folder name")
+
+
+def _write_output(
+    inputs: list[MergeInput],
+    weights: list[float],
+    folder: Path,
+    method: str,
+    soup_loss: float | None,
+    details: dict[str, Any],
+) -> None:
+    first = inputs[0].path
+    shutil.copy2(first / CONFIG_FILE, folder / CONFIG_FILE)
+    copied = [name for name in (*TOKENIZER_FILES, *EXTRA_FILES) if (first / name).is_file()]
+    for name in copied:
+        shutil.copy2(first / name, folder / name)
+    write_average(inputs, weights, folder)
+    provenance = {
+        "kind": "merge",
+        "method": method,
+        **details,
+        "inputs": [
+            {"path": str(i.path.resolve()), "step": i.step, "val_loss": i.val_loss, "weight": w}
+            for i, w in zip(inputs, weights, strict=True)
+        ],
+        # the newest input's step: where in training this average stands
+        "step": max((i.step for i in inputs if i.step is not None), default=None),
+        "val_loss": soup_loss,
+    }
+    (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
