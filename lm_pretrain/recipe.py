@@ -120,6 +120,16 @@ class ScheduleConfig(Section):
     constant_lr_ratio: float = Field(0.25, gt=0, le=1, description="infinite: the long constant stage")
 
 
+class AverageConfig(Section):
+    """A weight average kept during training and evaluated beside the raw weights (val_loss_avg),
+    so a constant-LR (WSD stable) stage can be judged mid-way; final-avg/ holds it at the end."""
+
+    kind: Literal["ema", "last_k"] = "ema"
+    decay: float = Field(0.999, gt=0, lt=1, description="ema: per update")
+    k: int = Field(4, ge=1, description="last_k: snapshots averaged (LAWA)")
+    every: int = Field(1, ge=1, description="steps between updates")
+
+
 class TrainConfig(Section):
     batch_size: int = Field(16, ge=1, description="sequences per optimizer step, across all processes")
     micro_batch_size: int | None = Field(None, ge=1, description="per process and forward pass")
@@ -132,6 +142,7 @@ class TrainConfig(Section):
     eval_every: int = Field(100, ge=1)
     eval_tokens: int = Field(65536, ge=1, description="validation tokens scored at each evaluation")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default all cores")
+    average: AverageConfig | None = None
     skip_nonfinite: int = Field(
         0, ge=0, description="steps with a non-finite loss or gradient to skip before stopping"
     )

@@ -69,3 +69,27 @@ def test_document_packing_trains(bible_corpus, tmp_path):
         if "val_loss" in r
     ]
     assert len(vals) == 3 and vals[-1] < vals[0] - 0.5
+
+
+@pytest.mark.slow
+def test_weight_average_during_training(bible_corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    extra = {
+        "train.average": "{kind: last_k, k: 2, every: 5}",
+        "checkpoint.every": 5,
+        "checkpoint.keep_last": 5,
+        "train.eval_every": 10,
+    }
+    out = run_cli(["train", *tiny_run_args(bible_corpus, tmp_path / "cache", 20, **extra), "--out", str(run)])
+    assert "averaged weights (last_k)" in out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss_avg" in r] == [10, 20]
+    # final-avg is exactly the mean of the last two snapshots, which the step-15/20 checkpoints hold
+    avg = load_file(run / "final-avg" / "model.safetensors")
+    a = load_file(run / "checkpoints" / "step-15" / "model.safetensors")
+    b = load_file(run / "checkpoints" / "step-20" / "model.safetensors")
+    for name, tensor in avg.items():
+        torch.testing.assert_close(tensor, (a[name] + b[name]) / 2, rtol=0, atol=1e-7)
+    assert (run / "checkpoints" / "step-20" / "average.pt").is_file()

@@ -106,6 +106,7 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int,
     name: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoints/<name>/ (default step-<N>) atomically, then prune step-<N> folders to
     the newest `keep_last`. Named (milestone) checkpoints are always kept."""
@@ -118,6 +119,8 @@ def save_checkpoint(
     write_model_folder(model, tokenizer_dir, tmp, {"kind": "checkpoint", **state})
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng-0.pt")
+    for file_name, obj in (extra or {}).items():  # e.g. the weight average's state
+        torch.save(obj, tmp / file_name)
     # trainer_state.json last: its presence is what marks a checkpoint as complete
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     publish(tmp, final)

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
 
+from lm_pretrain.average import WeightAverager
 from lm_pretrain.data.loader import IGNORE_INDEX, PackedWindows, document_masks, validation_batches
 from lm_pretrain.data.prepare import prepare_data
 from lm_pretrain.data.tokenizer import save_hf_tokenizer, special_token_ids
@@ -42,6 +43,7 @@ from lm_pretrain.train.schedule import Decay, make_schedule
 # `lmp train` exits with this code when a signal stopped it after saving: resubmit to resume
 EXIT_STOPPED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+AVERAGE_FILE = "average.pt"
 # recipe sections that must match to resume a run folder (training lengths may change)
 _RESUME_MUST_MATCH = ("seed", "data", "tokenizer", "model")
 
@@ -308,6 +310,10 @@ def _train(
         )
     )
     optimizer = build_optimizer(model, recipe)
+    averager = None
+    if cfg.average is not None:
+        a = cfg.average
+        averager = WeightAverager(model, a.kind, decay=a.decay, k=a.k, every=a.every)
     state: dict[str, Any] = {
         "step": 0,
         "samples": 0,
@@ -320,6 +326,8 @@ def _train(
     }
     if start_from is not None:
         state = {**state, **load_checkpoint(start_from, model, optimizer)}
+        if averager is not None and (start_from / AVERAGE_FILE).is_file():
+            averager.load_state_dict(torch.load(start_from / AVERAGE_FILE, weights_only=False))
         console.print(
             f"{'resuming' if branch is None else 'branching'} from {start_from} (step {state['step']})"
         )
@@ -363,6 +371,7 @@ def _train(
                 step_state,
                 recipe.checkpoint.keep_last,
                 name,
+                {AVERAGE_FILE: averager.state_dict()} if averager is not None else None,
             )
         accelerator.wait_for_everyone()
 
@@ -405,6 +414,8 @@ def _train(
             # step's one host sync (free on CPU), and it keeps NaNs out of the weights
             if torch.isfinite(grad_norm):
                 optimizer.step()
+                if averager is not None and averager.due(step + 1):
+                    averager.update(accelerator.unwrap_model(model))
                 loss_acc += step_loss
                 steps_acc += 1
             else:
@@ -446,7 +457,14 @@ def _train(
                     **(record or {"step": step, "tokens": state["tokens"], "words": state["words"]}),
                     "val_loss": state["val_loss"],
                 }
-                progress.print(f"step {step}: validation loss {state['val_loss']:.4f}")
+                message = f"step {step}: validation loss {state['val_loss']:.4f}"
+                if averager is not None and averager.ready:
+                    with averager.applied(accelerator.unwrap_model(model)):
+                        record["val_loss_avg"] = validation_loss(
+                            model, val_batches, accelerator, document_bos
+                        )
+                    message += f", averaged weights ({cfg.average.kind}) {record['val_loss_avg']:.4f}"
+                progress.print(message)
             if record is not None:
                 sink.log(record)
                 if is_main and "val_loss" in record:
@@ -482,6 +500,12 @@ def _train(
             {"kind": "final", "recipe": recipe.name, **state, "unigram_entropy": data.unigram_entropy},
         )
         publish(tmp, final)
+        if averager is not None and averager.ready:
+            unwrapped = accelerator.unwrap_model(model)
+            with averager.applied(unwrapped):
+                tmp = run_dir / ".tmp-final-avg"
+                write_model_folder(unwrapped, tokenizer_dir, tmp, {"kind": "final-avg", **state})
+                publish(tmp, run_dir / "final-avg")
         (run_dir / "summary.json").write_text(
             json.dumps({**state, "unigram_entropy": data.unigram_entropy, "seconds": seconds}, indent=2)
             + "\n"
