@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +67,9 @@ def train(
         float | None,
         typer.Option(min=0.0, max=0.9, help="with --branch-from: the decay is F of the branch's total steps"),
     ] = None,
+    nproc: Annotated[
+        int, typer.Option(min=1, help="processes on this machine (torch.distributed; gloo on CPU)")
+    ] = 1,
 ) -> None:
     """Train a model: corpus -> tokenizer -> shards -> model -> checkpoints -> final export.
 
@@ -76,6 +81,22 @@ def train(
     from lm_pretrain.train.trainer import train as run_training
 
     loaded = load_recipe(recipe, set_)
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        # the same command once per process, through torch's own launcher (as accelerate launch does)
+        args = [str(recipe), *[x for item in set_ or [] for x in ("--set", item)]]
+        args += ["--out", str(out)] if out else []
+        args += ["--resume"] if resume else []
+        args += ["--branch-from", str(branch_from)] if branch_from else []
+        args += ["--decay-steps", str(decay_steps)] if decay_steps is not None else []
+        args += ["--decay-fraction", str(decay_fraction)] if decay_fraction is not None else []
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+        ]
+        sys.exit(subprocess.run([*launcher, "-m", "lm_pretrain.cli", "train", *args]).returncode)
     branch = None
     if branch_from is not None:
         if decay_steps is not None and decay_fraction is not None:
@@ -87,6 +108,8 @@ def train(
     result = run_training(loaded, run_dir, console=console, branch=branch, resume=resume)
     if result.stopped_by_signal:
         sys.exit(EXIT_STOPPED)
+    if os.environ.get("RANK", "0") != "0":
+        return
     first = f"{result.first_val_loss:.4f} -> " if result.first_val_loss is not None else ""
     console.print(
         f"\n[bold green]done[/] in {result.seconds / 60:.1f} min: {result.steps} steps, "

@@ -328,10 +328,10 @@ def _train(
         state = {**state, **load_checkpoint(start_from, model, optimizer)}
         if averager is not None and (start_from / AVERAGE_FILE).is_file():
             averager.load_state_dict(torch.load(start_from / AVERAGE_FILE, weights_only=False))
-        console.print(
-            f"{'resuming' if branch is None else 'branching'} from {start_from} (step {state['step']})"
-        )
     if is_main:
+        if start_from is not None:
+            verb = "resuming" if branch is None else "branching"
+            console.print(f"{verb} from {start_from} (step {state['step']})")
         # drop whatever a killed earlier attempt logged after the state we start from
         truncate_metrics(run_dir, state["step"] if start_from is not None else -1)
     model, optimizer = accelerator.prepare(model, optimizer)
