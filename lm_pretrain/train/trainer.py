@@ -44,6 +44,7 @@ from lm_pretrain.train.schedule import Decay, make_schedule
 EXIT_STOPPED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 AVERAGE_FILE = "average.pt"
+SCALER_FILE = "scaler.pt"
 # recipe sections that must match to resume a run folder (training lengths may change)
 _RESUME_MUST_MATCH = ("seed", "data", "tokenizer", "model")
 
@@ -328,6 +329,8 @@ def _train(
         state = {**state, **load_checkpoint(start_from, model, optimizer)}
         if averager is not None and (start_from / AVERAGE_FILE).is_file():
             averager.load_state_dict(torch.load(start_from / AVERAGE_FILE, weights_only=False))
+        if accelerator.scaler is not None and (start_from / SCALER_FILE).is_file():  # fp16 on GPU
+            accelerator.scaler.load_state_dict(torch.load(start_from / SCALER_FILE, weights_only=False))
     if is_main:
         if start_from is not None:
             verb = "resuming" if branch is None else "branching"
@@ -361,6 +364,14 @@ def _train(
             f"{accelerator.device}, {recipe.train.precision}, {world} process(es), accumulation {accum}"
         )
 
+    def extra_state() -> dict[str, Any]:
+        extra = {}
+        if averager is not None:
+            extra[AVERAGE_FILE] = averager.state_dict()
+        if accelerator.scaler is not None:
+            extra[SCALER_FILE] = accelerator.scaler.state_dict()
+        return extra
+
     def save(step_state: dict, name: str | None = None) -> None:
         if is_main:
             save_checkpoint(
@@ -371,7 +382,7 @@ def _train(
                 step_state,
                 recipe.checkpoint.keep_last,
                 name,
-                {AVERAGE_FILE: averager.state_dict()} if averager is not None else None,
+                extra_state(),
             )
         accelerator.wait_for_everyone()
 
