@@ -61,6 +61,13 @@ def test_lengths_in_tokens():
     assert by_tokens == by_steps
 
 
+def test_no_decay_means_stable_to_the_end_and_beyond():
+    for kind in ("wsd", "infinite"):
+        schedule = make_schedule(ScheduleConfig(kind=kind, warmup=0, cooldown=0, decay=0), 100, 1)
+        level = schedule(50)
+        assert schedule(99) == schedule(100) == schedule(150) == level > 0
+
+
 def test_branch_decay_overrides_from_its_start():
     cfg = ScheduleConfig(kind="constant", warmup=0)
     branch = Decay(start=60, steps=40, start_ratio=1.0, end_ratio=0.0, shape="linear")

@@ -69,15 +69,16 @@ class Schedule:
             span = max(1, self.total - self.warmup)
             return Decay(self.warmup, span, 1.0, cfg.min_lr_ratio, "cosine")(step)
         decay_start = self.total - self.decay
+        # decay 0: no decay at all, also past the last step (where a branch may start its own)
         if cfg.kind == "wsd":
-            if step < decay_start:
+            if step < decay_start or self.decay == 0:
                 return 1.0
             return Decay(decay_start, self.decay, 1.0, cfg.min_lr_ratio, cfg.decay_shape)(step)
         # infinite
         plateau = cfg.constant_lr_ratio
         if step < self.warmup + self.cooldown:
             return Decay(self.warmup, self.cooldown, 1.0, plateau, "cosine")(step)
-        if step < decay_start:
+        if step < decay_start or self.decay == 0:
             return plateau
         return Decay(decay_start, self.decay, plateau, cfg.min_lr_ratio, cfg.decay_shape)(step)
 
