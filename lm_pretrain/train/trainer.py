@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.console import Console
 
@@ -114,6 +115,9 @@ def make_accelerator(precision: str) -> Accelerator:
     if precision == "fp16" and not on_gpu:
         raise LmpError("train.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    # Accelerate keeps one precision per process; a second run in the same process (a notebook,
+    # a test, a merge that scores checkpoints) may ask for another. The process group is kept.
+    AcceleratorState._reset_state()
     return Accelerator(cpu=not on_gpu, mixed_precision=mixed)
 
 
