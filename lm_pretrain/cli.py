@@ -338,5 +338,46 @@ def merge_checkpoints(
     console.print(f"[bold green]merged[/] ({result.method}) into {result.out}{soup}", highlight=False)
 
 
+@app.command()
+@user_errors
+def bench(
+    recipe: Annotated[
+        Path | None, typer.Argument(help="take the shapes from this recipe", show_default=False)
+    ] = None,
+    set_: SetOpt = None,
+    hidden: Annotated[int | None, typer.Option(help="hidden size (default 256)")] = None,
+    layers: Annotated[int | None, typer.Option(help="layers (default 4)")] = None,
+    heads: Annotated[int | None, typer.Option(help="attention heads (default 4)")] = None,
+    vocab: Annotated[int | None, typer.Option(help="vocabulary size (default 8192)")] = None,
+    seq: Annotated[int | None, typer.Option(help="sequence length (default 256)")] = None,
+    batch: Annotated[int | None, typer.Option(help="sequences per step (default 16)")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="timed steps per model, after 2 warm-up steps")] = 10,
+    compile_: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="also time torch.compile'd lmp")
+    ] = True,
+    prep: Annotated[bool, typer.Option("--prep/--no-prep", help="tokenizer and eval throughput too")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+) -> None:
+    """Training speed of lmp vs transformers' Llama (same shapes, weights, batches): tokens/s, MFU."""
+    from dataclasses import replace
+
+    from lm_pretrain.bench import Shape, result_lines, result_table, run_bench, shape_from_recipe, write_json
+
+    shape = shape_from_recipe(recipe, set_) if recipe is not None else Shape()
+    given = {"hidden": hidden, "layers": layers, "heads": heads, "vocab": vocab, "seq": seq, "batch": batch}
+    shape = replace(shape, **{k: v for k, v in given.items() if v is not None})
+    if shape.hidden % shape.heads:
+        raise LmpError(f"--hidden {shape.hidden} must be a multiple of --heads {shape.heads}")
+    result = run_bench(
+        shape, steps=steps, compile=compile_, prep=prep, log=lambda m: console.print(f"[dim]{m}[/]")
+    )
+    console.print(result_table(result))
+    for line in result_lines(result):
+        console.print(line, highlight=False)
+    if json_out is not None:
+        write_json(result, json_out)
+        console.print(f"results: {json_out}", highlight=False)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,127 @@
+"""`lmp eval`: load the model once, run each requested task, return the results for reporting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from lm_pretrain.errors import LmpError
+from lm_pretrain.eval.probe import probe_items
+from lm_pretrain.eval.report import TaskResult, judge
+from lm_pretrain.eval.scoring import BACKENDS, ScoringModel, load_scoring_model, score_candidates
+from lm_pretrain.eval.tasks import DATA_TASKS, Item, load_task, with_prefix
+
+ALL_TASKS = (*DATA_TASKS, "probe", "perplexity")
+
+
+@dataclass
+class EvalResult:
+    model: Path
+    backend: str
+    tasks: list[TaskResult] = field(default_factory=list)
+    perplexity: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "model": str(self.model),
+            "backend": self.backend,
+            "tasks": {r.task: r.to_json() for r in self.tasks},
+            "averages": {r.task: r.mean for r in self.tasks},
+            "perplexity": self.perplexity,
+            "notes": self.notes,
+        }
+
+
+def parse_tasks(text: str | None, have_data: bool) -> list[str]:
+    """--tasks a,b,c; by default the data tasks when --data-dir is given, plus probe and perplexity."""
+    if text is None:
+        return [*(DATA_TASKS if have_data else ()), "probe", "perplexity"]
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in ALL_TASKS]
+    if unknown or not tasks:
+        raise LmpError(
+            f"--tasks: unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ALL_TASKS)}"
+        )
+    return list(dict.fromkeys(tasks))
+
+
+def score_items(sm: ScoringModel, items: list[Item], token_budget: int | None = None) -> list[np.ndarray]:
+    """Every candidate of every item in one batched call, split back per item."""
+    sentences = [s for item in items for s in item.sentences]
+    completions = [c for item in items for c in item.completions]
+    sizes = [len(item.sentences) for item in items]
+    flat = score_candidates(sm, sentences, completions, token_budget, group_sizes=sizes)
+    out, start = [], 0
+    for item in items:
+        out.append(flat[start : start + len(item.sentences)])
+        start += len(item.sentences)
+    return out
+
+
+def evaluate(
+    model_path: Path,
+    tasks: list[str],
+    data_dir: Path | None = None,
+    backend: str = "causal",
+    fast: bool = False,
+    prefix: str = "",
+    strict_ties: bool = False,
+    text_file: Path | None = None,
+    seed: int = 0,
+    probe_size: int = 100,
+    max_tokens: int | None = None,
+    console: Console | None = None,
+    explicit_tasks: bool = True,
+) -> EvalResult:
+    from lm_pretrain.eval.perplexity import file_perplexity, run_folder_of, validation_perplexity
+    from lm_pretrain.generate import resolve_model_folder
+
+    console = console or Console(quiet=True)
+    if backend not in BACKENDS:
+        raise LmpError(f"--backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+    folder = resolve_model_folder(Path(model_path))
+    needs_data = [t for t in tasks if t in DATA_TASKS]
+    if needs_data and data_dir is None:
+        raise LmpError(
+            f"task(s) {', '.join(needs_data)} need --data-dir: the BabyLM evaluation_data folder "
+            "(or, for blimp, a folder of BLiMP *.jsonl files)"
+        )
+    # read every task file before the (slow) model load, so a bad path fails at once
+    loaded: list[tuple[str, str, list[Item]]] = []
+    for task in tasks:
+        if task in DATA_TASKS:
+            source, items = load_task(task, data_dir, fast)
+            loaded.append((task, str(source), items))
+        elif task == "probe":
+            loaded.append(("probe", f"lmp templates, seed {seed}", probe_items(seed, probe_size)))
+
+    sm = load_scoring_model(folder, backend)
+    result = EvalResult(folder, backend)
+    for task, source, items in loaded:
+        if prefix:
+            items = [with_prefix(item, prefix) for item in items]
+        with console.status(f"{task}: scoring {len(items):,} items"):
+            scores = score_items(sm, items)
+        result.tasks.append(judge(task, source, items, scores, strict_ties))
+
+    if "perplexity" in tasks:
+        run_dir = run_folder_of(folder)
+        if text_file is not None:
+            result.perplexity = file_perplexity(sm, text_file, max_tokens)
+        elif backend != "causal":
+            result.notes.append("perplexity skipped: it needs the causal backend")
+        elif run_dir is not None:
+            with console.status("perplexity: validation split"):
+                result.perplexity = validation_perplexity(sm, run_dir, max_tokens)
+        elif explicit_tasks:
+            raise LmpError(
+                f"{folder} is not part of an lmp run (no recipe.yaml above it), so there is no validation "
+                "split; pass --text FILE for perplexity on a held-out file, or leave perplexity out of --tasks"
+            )
+        else:
+            result.notes.append("perplexity skipped: not an lmp run folder and no --text given")
+    return result

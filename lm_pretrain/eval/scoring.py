@@ -1,0 +1,304 @@
+"""Candidate log-probabilities by the official BabyLM rules, computed in length-bucketed batches.
+
+The rules (evaluation_pipeline/sentence_zero_shot/dataset.py of the 2025 pipeline):
+- A candidate is a sentence tokenized with the tokenizer's own special tokens. The scored tokens
+  are those whose character span ends after the start of the completion (the scored suffix).
+  Special tokens have empty spans and are never scored.
+- causal: log p(token_j | tokens_<j) for scored j >= 1; the first token is only ever context,
+  so without a BOS the first word goes unscored, as in the official code.
+- mlm: pseudo-log-likelihood: token j replaced by the mask token, prediction read at j.
+- mntp: the same masking, prediction read at j - 1 (masked next-token prediction).
+- temperature 1: plain log-softmax over the vocabulary; a candidate's score is the sum.
+
+Speed: identical rows are computed once (duplicate sentences, shared masked copies), rows of the
+same length are stacked into one forward pass with no padding, and causal candidates that share a
+token prefix (EWoK, entity tracking) run the prefix once and reuse its key/value cache.
+`score_one_at_a_time` is the plain reference: one sentence per forward pass.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lm_pretrain.errors import LmpError
+
+BACKENDS = ("causal", "mlm", "mntp")
+# logits held at once (rows x length x vocab floats): bounds memory on any vocabulary size
+MAX_LOGIT_ELEMENTS = 64 * 1024 * 1024
+
+
+@dataclass
+class ScoringModel:
+    model: torch.nn.Module
+    tokenizer: object  # a transformers fast tokenizer
+    backend: str
+    folder: Path
+    device: torch.device
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+
+def load_scoring_model(folder: Path, backend: str = "causal", device: str | None = None) -> ScoringModel:
+    """Load a model folder the way the official pipeline does: AutoModelForCausalLM for causal,
+    AutoModelForMaskedLM for mlm/mntp (trust_remote_code, for hybrid models that ship their own
+    modeling file), the tokenizer with padding_side="right"."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if backend not in BACKENDS:
+        raise LmpError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    auto = AutoModelForCausalLM if backend == "causal" else AutoModelForMaskedLM
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            folder, padding_side="right", trust_remote_code=True, local_files_only=True
+        )
+        model = auto.from_pretrained(folder, trust_remote_code=True, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        hint = (
+            "a masked or hybrid model needs --backend mlm or mntp"
+            if backend == "causal"
+            else "AutoModelForMaskedLM must load it: a causal decoder needs --backend causal, a hybrid "
+            "model must register its modeling file under auto_map in config.json"
+        )
+        raise LmpError(f"cannot load {folder} for the {backend} backend ({exc}); {hint}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise LmpError(
+            f"{folder}: the tokenizer is not a fast tokenizer, and scoring needs character offsets; "
+            "save a tokenizer.json with the model"
+        )
+    if backend != "causal" and tokenizer.mask_token_id is None:
+        raise LmpError(f"{folder}: the tokenizer has no mask token, which the {backend} backend needs")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(dev).eval()
+    return ScoringModel(model, tokenizer, backend, Path(folder), dev)
+
+
+def scored_positions(
+    offsets: Sequence[tuple[int, int]], sentence: str, completion: str, backend: str
+) -> list[int]:
+    """Indices of the tokens whose character span overlaps `completion`, the end of `sentence`."""
+    start_char = len(sentence) - len(completion)
+    if backend == "causal" and offsets:
+        start_char += offsets[0][0]  # as the official causal code does (0 whenever BOS leads)
+    first = 0 if backend == "mlm" else 1  # causal/mntp: position 0 has nothing before it
+    return [j for j, (start, end) in enumerate(offsets) if j >= first and end > start_char and end > start]
+
+
+def encode(
+    tokenizer: object, sentences: Sequence[str], completions: Sequence[str], backend: str
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(token ids, scored positions) per candidate, with one batched tokenizer call."""
+    if not sentences:
+        return []
+    enc = tokenizer(list(sentences), return_offsets_mapping=True, add_special_tokens=True)
+    out = []
+    for ids, offsets, sentence, completion in zip(
+        enc["input_ids"], enc["offset_mapping"], sentences, completions, strict=True
+    ):
+        out.append((tuple(ids), tuple(scored_positions(offsets, sentence, completion, backend))))
+    return out
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    logits = out[0] if isinstance(out, tuple) else out.logits
+    return logits.float()
+
+
+def _rows_per_batch(length: int, vocab: int, budget: int | None) -> int:
+    limit = budget if budget is not None else MAX_LOGIT_ELEMENTS // max(vocab, 1)
+    return max(1, limit // max(length, 1))
+
+
+@torch.no_grad()
+def _causal_token_logprobs(
+    sm: ScoringModel, sequences: list[tuple[int, ...]], token_budget: int | None
+) -> list[np.ndarray]:
+    """For each distinct sequence, log p(tok_j | tok_<j) for j = 1..n-1 (float32)."""
+    result: list[np.ndarray] = [np.zeros(0, np.float32)] * len(sequences)
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for index, seq in enumerate(sequences):
+        if len(seq) >= 2:
+            by_length[len(seq)].append(index)
+    for length, indices in sorted(by_length.items()):
+        rows = _rows_per_batch(length, sm.vocab_size, token_budget)
+        for start in range(0, len(indices), rows):
+            chunk = indices[start : start + rows]
+            ids = torch.tensor([sequences[i] for i in chunk], dtype=torch.long, device=sm.device)
+            logprobs = torch.log_softmax(_logits(sm.model, ids[:, :-1]), dim=-1)
+            picked = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu().numpy()
+            for row, i in enumerate(chunk):
+                result[i] = picked[row]
+    return result
+
+
+@torch.no_grad()
+def _masked_logprobs(
+    sm: ScoringModel, rows: list[tuple[tuple[int, ...], int]], token_budget: int | None
+) -> np.ndarray:
+    """log p of token j in a copy of the sequence with j masked, read at j (mlm) or j - 1 (mntp)."""
+    shift = 1 if sm.backend == "mntp" else 0
+    mask_id = sm.tokenizer.mask_token_id
+    out = np.zeros(len(rows), np.float32)
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for index, (seq, _) in enumerate(rows):
+        by_length[len(seq)].append(index)
+    for length, indices in sorted(by_length.items()):
+        per_batch = _rows_per_batch(length, sm.vocab_size, token_budget)
+        for start in range(0, len(indices), per_batch):
+            chunk = indices[start : start + per_batch]
+            ids = torch.tensor([rows[i][0] for i in chunk], dtype=torch.long, device=sm.device)
+            pos = torch.tensor([rows[i][1] for i in chunk], dtype=torch.long, device=sm.device)
+            arange = torch.arange(len(chunk), device=sm.device)
+            targets = ids[arange, pos].clone()
+            ids[arange, pos] = mask_id
+            logits = _logits(sm.model, ids)[arange, pos - shift]
+            picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            out[chunk] = picked.cpu().numpy()
+    return out
+
+
+def _common_prefix(seqs: list[tuple[int, ...]]) -> int:
+    first, n = seqs[0], min(len(q) for q in seqs)
+    for k in range(n):
+        if any(q[k] != first[k] for q in seqs[1:]):
+            return k
+    return n
+
+
+# a group's shared token prefix is run once when it is at least this long and at least half of the
+# group's longest sequence (EWoK contexts, entity-tracking stories); short ones are not worth a pass
+MIN_SHARED_PREFIX = 8
+
+
+def _prefix_groups(
+    encoded: list[tuple[tuple[int, ...], tuple[int, ...]]], group_sizes: Sequence[int]
+) -> dict[int, list[list[tuple[int, ...]]]]:
+    """Items whose candidates share a long token prefix: prefix length -> groups of sequences."""
+    by_prefix: dict[int, list[list[tuple[int, ...]]]] = defaultdict(list)
+    covered: set[tuple[int, ...]] = set()
+    start = 0
+    for size in group_sizes:
+        seqs = list(dict.fromkeys(ids for ids, _ in encoded[start : start + size]))
+        start += size
+        if len(seqs) < 2 or any(q in covered for q in seqs):
+            continue
+        shared = _common_prefix(seqs)
+        if shared >= MIN_SHARED_PREFIX and 2 * shared >= max(map(len, seqs)) and min(map(len, seqs)) > shared:
+            by_prefix[shared].append(seqs)
+            covered.update(seqs)
+    return by_prefix
+
+
+@torch.no_grad()
+def _causal_shared_prefix_logprobs(
+    sm: ScoringModel, by_prefix: dict[int, list[list[tuple[int, ...]]]], token_budget: int | None
+) -> dict[tuple[int, ...], np.ndarray]:
+    """Per-token log-probs of sequences that share a prefix within their group: the prefix runs
+    once per group, its key/value cache is copied to each candidate, then only the suffixes run."""
+    out: dict[tuple[int, ...], np.ndarray] = {}
+    for shared, groups in sorted(by_prefix.items()):
+        longest = max(len(q) for g in groups for q in g)
+        per_batch = max(1, _rows_per_batch(longest, sm.vocab_size, token_budget) // 4)
+        for start in range(0, len(groups), per_batch):
+            chunk = groups[start : start + per_batch]
+            prefixes = torch.tensor([g[0][:shared] for g in chunk], dtype=torch.long, device=sm.device)
+            result = sm.model(input_ids=prefixes, use_cache=True)
+            prefix_lp = torch.log_softmax(result.logits.float(), dim=-1)  # [G, P, V]
+            within = prefix_lp[:, :-1].gather(-1, prefixes[:, 1:].unsqueeze(-1)).squeeze(-1).cpu().numpy()
+            rows = [(g_index, q) for g_index, g in enumerate(chunk) for q in g]
+            owner = torch.tensor([g for g, _ in rows], device=sm.device)
+            first_new = torch.tensor([q[shared] for _, q in rows], device=sm.device)
+            boundary = prefix_lp[owner, -1].gather(-1, first_new.unsqueeze(-1)).squeeze(-1).cpu().numpy()
+            width = max(len(q) for _, q in rows) - 1 - shared
+            suffix_lp = None
+            if width > 0:
+                cache = result.past_key_values
+                cache.reorder_cache(owner)  # one copy of its group's prefix cache per candidate
+                # right padding: real tokens never attend to the pads after them
+                pad = [list(q[shared:-1]) + [0] * (width - (len(q) - 1 - shared)) for _, q in rows]
+                tgt = [list(q[shared + 1 :]) + [0] * (width - (len(q) - 1 - shared)) for _, q in rows]
+                inputs = torch.tensor(pad, dtype=torch.long, device=sm.device)
+                logits = sm.model(input_ids=inputs, past_key_values=cache, use_cache=False).logits.float()
+                targets = torch.tensor(tgt, dtype=torch.long, device=sm.device).unsqueeze(-1)
+                suffix_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1).cpu().numpy()
+            for r, (g_index, q) in enumerate(rows):
+                parts = [within[g_index], boundary[r : r + 1]]
+                if suffix_lp is not None:
+                    parts.append(suffix_lp[r, : len(q) - 1 - shared])
+                out[q] = np.concatenate(parts)
+    return out
+
+
+def score_candidates(
+    sm: ScoringModel,
+    sentences: Sequence[str],
+    completions: Sequence[str],
+    token_budget: int | None = None,
+    group_sizes: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Summed log-probability of each candidate's completion (float64), batched. `group_sizes`
+    (candidates per item, in order) lets a causal model run a context the candidates share once."""
+    encoded = encode(sm.tokenizer, sentences, completions, sm.backend)
+    scores = np.zeros(len(encoded), np.float64)
+    if sm.backend == "causal":
+        shared: dict[tuple[int, ...], np.ndarray] = {}
+        if group_sizes is not None:
+            by_prefix = _prefix_groups(encoded, group_sizes)
+            shared = _causal_shared_prefix_logprobs(sm, by_prefix, token_budget)
+        rest = list(dict.fromkeys(ids for ids, _ in encoded if ids not in shared))
+        per_token = dict(zip(rest, _causal_token_logprobs(sm, rest, token_budget), strict=True))
+        per_token.update(shared)
+        for k, (ids, positions) in enumerate(encoded):
+            if positions:
+                scores[k] = _sum(per_token[ids][[j - 1 for j in positions]])
+        return scores
+    rows: dict[tuple[tuple[int, ...], int], int] = {}
+    for ids, positions in encoded:
+        for j in positions:
+            rows.setdefault((ids, j), len(rows))
+    values = _masked_logprobs(sm, list(rows), token_budget)
+    for k, (ids, positions) in enumerate(encoded):
+        scores[k] = _sum(values[[rows[(ids, j)] for j in positions]])
+    return scores
+
+
+def _sum(values: np.ndarray) -> float:
+    """One summation order for every scorer, so batched and reference scores compare exactly."""
+    return float(np.sum(values.astype(np.float64))) if len(values) else 0.0
+
+
+@torch.no_grad()
+def score_one_at_a_time(sm: ScoringModel, sentences: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+    """Reference scorer: tokenize and run each sentence alone (the slow, obvious way)."""
+    scores = np.zeros(len(sentences), np.float64)
+    for k, (sentence, completion) in enumerate(zip(sentences, completions, strict=True)):
+        enc = sm.tokenizer(sentence, return_offsets_mapping=True, add_special_tokens=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        positions = scored_positions(offsets, sentence, completion, sm.backend)
+        if not positions:
+            continue
+        x = torch.tensor([ids], dtype=torch.long, device=sm.device)
+        if sm.backend == "causal":
+            logprobs = torch.log_softmax(_logits(sm.model, x[:, :-1]), dim=-1)[0]
+            values = [logprobs[j - 1, ids[j]].item() for j in positions]
+        else:
+            shift = 1 if sm.backend == "mntp" else 0
+            values = []
+            for j in positions:
+                masked = x.clone()
+                masked[0, j] = sm.tokenizer.mask_token_id
+                logprobs = torch.log_softmax(_logits(sm.model, masked)[0, j - shift], dim=-1)
+                values.append(logprobs[ids[j]].item())
+        scores[k] = _sum(np.array(values, np.float32))
+    return scores

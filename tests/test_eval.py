@@ -1,0 +1,365 @@
+"""lmp eval: task readers, the official scoring rules, ties, aggregation, probe, perplexity, CLI."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lm_pretrain.cli import app
+from lm_pretrain.data.builtin import demo_documents
+from lm_pretrain.errors import LmpError
+from lm_pretrain.eval.probe import PHENOMENA, probe_items
+from lm_pretrain.eval.report import judge, write_predictions
+from lm_pretrain.eval.runner import evaluate, score_items
+from lm_pretrain.eval.scoring import load_scoring_model, score_candidates, score_one_at_a_time
+from lm_pretrain.eval.tasks import Item, load_task, read_blimp, read_entity_tracking, read_ewok
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_BLIMP = ROOT.parent / "shared" / "data" / "blimp"
+
+
+def need_blimp() -> Path:
+    if not SHARED_BLIMP.is_dir():
+        pytest.skip(f"BLiMP data not found at {SHARED_BLIMP} (../shared is absent)")
+    return SHARED_BLIMP
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def blimp_subset(dst: Path, names: list[str], rows: int) -> Path:
+    """The first `rows` pairs of some original BLiMP files, in a temporary folder."""
+    src = need_blimp()
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        lines = (src / f"{name}.jsonl").read_text().splitlines()[:rows]
+        (dst / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A tiny model trained for a few seconds on real English (the demo corpus's Bible text)."""
+    root = tmp_path_factory.mktemp("evalrun")
+    docs = [d for d in demo_documents() if d.source == "bible_bbe"][:120]
+    corpus = write_jsonl(root / "bible.jsonl", [{"text": d.text, "source": d.source} for d in docs])
+    sets = {
+        "data.path": corpus,
+        "data.source_field": "source",
+        "data.validation_fraction": 0.05,
+        "data.cache_dir": root / "cache",
+        "tokenizer.vocab_size": 512,
+        "model.hidden_size": 64,
+        "model.num_layers": 2,
+        "model.num_heads": 2,
+        "model.max_seq_len": 64,
+        "train.batch_size": 16,
+        "train.micro_batch_size": 16,
+        "train.max_steps": 40,
+        "train.log_every": 10,
+        "train.eval_every": 40,
+        "train.eval_tokens": 2048,
+        "checkpoint.every": 40,
+        "optim.lr": 3e-3,
+        "train.precision": "fp32",
+    }
+    args = ["train", str(ROOT / "recipes/demo.yaml"), "--out", str(root / "run")]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def causal(tiny_run):
+    return load_scoring_model(tiny_run / "final", "causal", device="cpu")
+
+
+# ---------------------------------------------------------------- readers
+
+
+def test_reads_original_blimp_release():
+    items = read_blimp(need_blimp())
+    uids = {i.uid for i in items}
+    assert len(uids) == 67 and len(items) == 67_000
+    first = items[0]
+    assert first.sentences[0] != first.sentences[1] and first.completions == first.sentences
+    assert first.pair_id == "0"  # pairID in the original release
+    assert {i.field for i in items} == {"morphology", "syntax", "semantics", "syntax/semantics"}
+
+
+def test_reads_filtered_layout_and_fast_subsets(tmp_path):
+    row = {"sentence_good": "Dogs bark.", "sentence_bad": "Dogs barks.", "field": "morphology",
+           "linguistics_term": "agreement", "UID": "sva", "pair_id": 7}  # fmt: skip
+    write_jsonl(tmp_path / "evaluation_data/full_eval/blimp_filtered/sva.jsonl", [row, row])
+    write_jsonl(tmp_path / "evaluation_data/fast_eval/blimp_fast/sva.jsonl", [row])
+    folder, items = load_task("blimp", tmp_path)
+    assert folder.name == "blimp_filtered" and len(items) == 2 and items[0].pair_id == "7"
+    folder, items = load_task("blimp", tmp_path / "evaluation_data", fast=True)
+    assert folder.name == "blimp_fast" and len(items) == 1
+
+
+def test_supplement_ewok_entity_tracking_layouts(tmp_path):
+    full = tmp_path / "full_eval"
+    write_jsonl(
+        full / "supplement_filtered/hypernym.jsonl", [{"sentence_good": "A b.", "sentence_bad": "B a."}]
+    )
+    ewok = {"Context1": "The cup is on the table.", "Context2": "x", "Target1": "The cup is up.",
+            "Target2": "The cup is down.", "Domain": "spatial-relations", "ContextType": "t",
+            "ContextDiff": "d", "TargetDiff": "d"}  # fmt: skip
+    write_jsonl(full / "ewok_filtered/spatial-relations.jsonl", [ewok])
+    entity = {"input_prefix": "Box 1 has a key. Box 1 has", "options": [" a key.", " nothing.", " a map."],
+              "numops": 0}  # fmt: skip
+    write_jsonl(full / "entity_tracking/regular.jsonl", [entity])
+
+    _, supplement = load_task("blimp_supplement", tmp_path)
+    assert supplement[0].uid == "hypernym" and supplement[0].field == "supplement"
+    (item,) = read_ewok(full / "ewok_filtered")
+    assert item.uid == "spatial-relations"
+    assert item.sentences == (
+        "The cup is on the table. The cup is up.",
+        "The cup is on the table. The cup is down.",
+    )
+    assert item.completions == (" The cup is up.", " The cup is down.")
+    (item,) = read_entity_tracking(full / "entity_tracking")
+    assert item.uid == "regular_0_ops" and len(item.sentences) == 3
+    assert item.sentences[1] == "Box 1 has a key. Box 1 has nothing."
+
+
+def test_missing_and_malformed_files_name_the_problem(tmp_path):
+    with pytest.raises(LmpError, match="no data for task ewok"):
+        load_task("ewok", tmp_path)
+    bad = tmp_path / "blimp_filtered" / "x.jsonl"
+    bad.parent.mkdir()
+    bad.write_text('{"sentence_good": "a"}\n{not json\n')
+    with pytest.raises(LmpError, match=r"x\.jsonl:2: not valid JSON"):
+        load_task("blimp", tmp_path)
+    bad.write_text('{"sentence_good": "a", "UID": "u", "field": "f"}\n')
+    with pytest.raises(LmpError, match=r"x\.jsonl: row 1 lacks field\(s\) sentence_bad"):
+        load_task("blimp", tmp_path)
+
+
+# ---------------------------------------------------------------- decisions and aggregation
+
+
+def test_ties_count_as_correct_by_default_and_wrong_in_strict_mode():
+    items = [
+        Item("a", ("s", "s"), ("s", "s")),
+        Item("a", ("x", "y"), ("x", "y")),
+        Item("b", ("p", "q"), ("p", "q")),
+    ]
+    scores = [np.array([-3.0, -3.0]), np.array([-1.0, -2.0]), np.array([-5.0, -4.0])]
+    default = judge("blimp", "", items, scores)
+    strict = judge("blimp", "", items, scores, strict_ties=True)
+    assert default.ties == strict.ties == 1
+    assert default.uids["a"].correct == 2 and strict.uids["a"].correct == 1
+    # unweighted mean over UIDs, not over items
+    assert default.mean == pytest.approx((100.0 + 0.0) / 2)
+    assert strict.mean == pytest.approx((50.0 + 0.0) / 2)
+    assert default.predictions["b"] == [{"id": "b_0", "pred": "q"}]
+
+
+def test_entity_tracking_averages_uids_within_subsets_then_subsets():
+    def item(uid, field):
+        return Item(uid, ("a", "b"), ("a", "b"), field)
+
+    items = [
+        item("regular_0_ops", "regular"),
+        item("regular_1_ops", "regular"),
+        item("ambiref_0_ops", "ambiref"),
+    ]
+    scores = [np.array([0.0, -1.0]), np.array([-1.0, 0.0]), np.array([0.0, -1.0])]
+    result = judge("entity_tracking", "", items, scores)
+    assert result.mean == pytest.approx((50.0 + 100.0) / 2)  # not (100 + 0 + 100) / 3
+
+
+def test_predictions_use_the_official_layout(tmp_path):
+    items = [Item("u", ("good", "bad"), ("good", "bad"))] * 2
+    result = judge("blimp", "", items, [np.array([0.0, -1.0]), np.array([-2.0, -1.0])])
+    (path,) = write_predictions(tmp_path, [result])
+    assert json.loads(path.read_text()) == {
+        "u": {"predictions": [{"id": "u_0", "pred": "good"}, {"id": "u_1", "pred": "bad"}]}
+    }
+
+
+# ---------------------------------------------------------------- scoring rules (trained model)
+
+
+def direct_logprobs(sm, text: str) -> list[float]:
+    """log p of every token after the first, straight from the model, one sentence."""
+    ids = sm.tokenizer(text)["input_ids"]
+    with torch.no_grad():
+        logits = sm.model(input_ids=torch.tensor([ids])).logits[0].double()
+    logprobs = torch.log_softmax(logits, -1)
+    return [float(logprobs[j - 1, ids[j]]) for j in range(1, len(ids))]
+
+
+def test_causal_whole_sentence_scores_every_token_after_bos(causal):
+    sentence = "And God said, Let there be light."
+    ids = causal.tokenizer(sentence)["input_ids"]
+    assert ids[0] == causal.tokenizer.bos_token_id  # lmp tokenizers add BOS ...
+    expected = sum(direct_logprobs(causal, sentence))  # ... so the first word is scored too
+    (score,) = score_candidates(causal, [sentence], [sentence])
+    assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_causal_completion_scores_only_the_target(causal):
+    context, target = "The man went into the house.", " And he was glad."
+    whole = sum(direct_logprobs(causal, context + target))
+    context_only = sum(direct_logprobs(causal, context))
+    (score,) = score_candidates(causal, [context + target], [target])
+    assert score == pytest.approx(whole - context_only, abs=1e-4)
+    assert score > whole  # the context's own log-probability is left out
+
+
+def test_batched_scores_equal_one_at_a_time(causal):
+    items = probe_items(seed=3, per_phenomenon=12)
+    sentences = [s for i in items for s in i.sentences]
+    batched = score_candidates(causal, sentences, sentences, token_budget=256)
+    reference = score_one_at_a_time(causal, sentences, sentences)
+    np.testing.assert_allclose(batched, reference, atol=1e-4)
+    split = len(sentences) // 2
+    assert np.array_equal(batched[0::2] >= batched[1::2], reference[0::2] >= reference[1::2])
+    assert split > 50
+
+
+def test_blimp_on_real_data_and_identical_sentences_tie(causal, tmp_path):
+    folder = blimp_subset(tmp_path / "blimp", ["determiner_noun_agreement_1", "anaphor_number_agreement"], 40)
+    items = read_blimp(folder) + [Item("same", ("The man is here.",) * 2, ("The man is here.",) * 2, "x")]
+    result = judge("blimp", str(folder), items, score_items(causal, items))
+    assert result.ties >= 1 and result.uids["same"].correct == 1
+    assert {u: s.n for u, s in result.uids.items()} == {
+        "determiner_noun_agreement_1": 40, "anaphor_number_agreement": 40, "same": 1}  # fmt: skip
+
+
+def masked_model(tiny_run: Path, tmp_path: Path) -> Path:
+    """A small randomly initialised BERT with the run's tokenizer (it has a mask token)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    folder = tmp_path / "bert"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        folder.mkdir(exist_ok=True)
+        (folder / name).write_bytes((tiny_run / "final" / name).read_bytes())
+    cfg = BertConfig(vocab_size=512, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    BertForMaskedLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def test_mlm_and_mntp_pseudo_log_likelihood(tiny_run, tmp_path):
+    folder = masked_model(tiny_run, tmp_path)
+    sentences = ["The man is here.", "The men is here.", "God made the light good and sad."]
+    completions = [sentences[0], sentences[1], " good and sad."]
+    mlm = load_scoring_model(folder, "mlm", device="cpu")
+    mntp = load_scoring_model(folder, "mntp", device="cpu")
+    for sm in (mlm, mntp):
+        np.testing.assert_allclose(
+            score_candidates(sm, sentences, completions),
+            score_one_at_a_time(sm, sentences, completions),
+            atol=1e-4,
+        )
+    # by hand for mlm: mask each word token in turn, read the prediction at its own position
+    ids = mlm.tokenizer(sentences[0])["input_ids"]
+    expected = 0.0
+    for j in range(1, len(ids)):
+        masked = torch.tensor([ids])
+        masked[0, j] = mlm.tokenizer.mask_token_id
+        with torch.no_grad():
+            logits = mlm.model(input_ids=masked).logits[0, j]
+        expected += float(torch.log_softmax(logits, -1)[ids[j]])
+    assert score_candidates(mlm, sentences[:1], sentences[:1])[0] == pytest.approx(expected, abs=1e-4)
+    # mntp reads one position earlier, so it gives different numbers on the same model
+    assert not np.allclose(
+        score_candidates(mlm, sentences, completions), score_candidates(mntp, sentences, completions)
+    )
+
+
+# ---------------------------------------------------------------- probe and perplexity
+
+
+def test_probe_is_deterministic_and_minimal():
+    a, b, c = probe_items(seed=1), probe_items(seed=1), probe_items(seed=2)
+    assert a == b and a != c
+    assert {i.uid for i in a} == set(PHENOMENA) and len(PHENOMENA) >= 8
+    for item in a:
+        good, bad = item.sentences
+        assert good != bad
+        # a minimal pair: the same words except one (or two swapped)
+        diff = [(x, y) for x, y in zip(good.split(), bad.split(), strict=True) if x != y]
+        assert 1 <= len(diff) <= 2, (good, bad)
+
+
+def test_validation_perplexity_matches_training_val_loss(causal, tiny_run):
+    from lm_pretrain.eval.perplexity import validation_perplexity
+
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    val_loss = [r["val_loss"] for r in records if "val_loss" in r][-1]
+    result = validation_perplexity(causal, tiny_run, max_tokens=2048)  # the same windows as training
+    assert result["nats_per_token"] == pytest.approx(val_loss, rel=1e-4)
+    assert result["perplexity"] == pytest.approx(math.exp(val_loss), rel=1e-3)
+    assert 0 < result["bits_per_byte"] < result["nats_per_token"] / math.log(2)  # > 1 byte per token
+
+
+def test_file_perplexity_bits_per_byte(causal, tmp_path):
+    from lm_pretrain.eval.perplexity import file_perplexity
+
+    text = "And God said, Let there be light: and there was light. " * 3
+    path = tmp_path / "held.txt"
+    path.write_text(text)
+    result = file_perplexity(causal, path)
+    nats = -sum(direct_logprobs(causal, text))
+    assert result["tokens"] == len(causal.tokenizer(text)["input_ids"]) - 1
+    assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / len(text.encode()), rel=1e-4)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_eval_writes_tables_json_and_predictions(tiny_run, tmp_path):
+    data = blimp_subset(tmp_path / "blimp", ["regular_plural_subject_verb_agreement_1"], 30)
+    out, preds = tmp_path / "scores.json", tmp_path / "preds"
+    result = CliRunner().invoke(
+        app,
+        ["eval", str(tiny_run), "--data-dir", str(data), "--tasks", "blimp,probe,perplexity",
+         "--json", str(out), "--predictions", str(preds)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "regular_plural_subject_verb_agreement_1" in result.output and "bits/byte" in result.output
+    scores = json.loads(out.read_text())
+    uid = scores["tasks"]["blimp"]["uids"]["regular_plural_subject_verb_agreement_1"]
+    assert uid["n"] == 30 and uid["accuracy"] == pytest.approx(100.0 * uid["correct"] / 30)
+    assert scores["averages"]["blimp"] == uid["accuracy"]
+    assert scores["perplexity"]["bits_per_byte"] > 0
+    predictions = json.loads((preds / "blimp" / "predictions.json").read_text())
+    assert len(predictions["regular_plural_subject_verb_agreement_1"]["predictions"]) == 30
+
+
+def test_cli_eval_reports_a_missing_data_folder(tiny_run, tmp_path):
+    result = CliRunner().invoke(app, ["eval", str(tiny_run), "--tasks", "ewok", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no data for task ewok" in result.output
+    with pytest.raises(LmpError, match="need --data-dir"):
+        evaluate(tiny_run, ["blimp"])
+
+
+def test_shared_context_runs_once_and_scores_the_same(causal):
+    from lm_pretrain.eval.scoring import _prefix_groups, encode
+
+    story = "And God said, Let there be light: and there was light. And God saw the light, that it was good."
+    options = [" And the evening was the first day.", " And he was glad.", " The man went into the house."]
+    items = [Item("regular_0_ops", tuple(story + o for o in options), tuple(options), "regular")] * 2
+    sentences = [s for i in items for s in i.sentences]
+    completions = [c for i in items for c in i.completions]
+    groups = _prefix_groups(encode(causal.tokenizer, sentences, completions, "causal"), [3, 3])
+    assert sum(len(g) for g in groups.values()) == 1  # the story is one shared prefix (duplicates merged)
+    shared = score_candidates(causal, sentences, completions, group_sizes=[3, 3])
+    np.testing.assert_allclose(shared, score_one_at_a_time(causal, sentences, completions), atol=1e-4)
