@@ -144,6 +144,10 @@ def _corpus_table(
     for name, docs in splits.items():
         total += [f"{len(docs):,}", f"{sum(counts[name].values()):,}"]
     table.add_row(*total, style="bold")
+    budget = recipe.data.word_budget
+    if budget is not None:
+        words = sum(sum(c.values()) for c in counts.values())
+        table.caption = f"{words:,} words of the {budget:,}-word budget ({100 * words / budget:.2f}%)"
     return table
 
 
