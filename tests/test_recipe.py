@@ -108,3 +108,10 @@ def test_cli_recipe_show_resolves(tmp_path):
     shown = yaml.safe_load(result.output)
     assert shown["model"]["num_layers"] == 9
     assert shown["schedule"]["kind"] == "wsd"  # defaults are filled in
+
+
+def test_cli_error_text_is_not_read_as_markup(tmp_path):
+    path = write(tmp_path / "r.yaml", {"name": "r", "tracking": {"tensorboard": "[maybe]"}})
+    result = CliRunner().invoke(app, ["recipe", "show", str(path)])
+    assert result.exit_code == 2
+    assert "'[maybe]'" in result.output
