@@ -222,6 +222,78 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
 
+# ---------------------------------------------------------------- the loss
+
+# Rows of final hidden states per loss chunk. 1024 rows x a vocabulary of 8192 is 32 MiB of fp32
+# logits at a time instead of B*T x vocab, and still large enough for fast matmuls.
+LOSS_CHUNK_ROWS = 1024
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = LOSS_CHUNK_ROWS
+) -> torch.Tensor:
+    """Mean cross-entropy of (hidden @ weight.T) against targets, positions holding -100 ignored.
+
+    Equal to F.cross_entropy(lm_head(hidden).float(), targets) but computed over row chunks, so
+    the full [B*T, vocab] logits never exist, neither in forward nor kept for backward. Under
+    autocast the matmuls run in autocast's dtype, as lm_head would, and the softmax in fp32.
+    """
+    h = hidden.reshape(-1, hidden.size(-1))
+    t = targets.reshape(-1)
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _ChunkedLMLoss.apply(h, weight, t, dtype, chunk_rows)
+    with torch.autocast(device, enabled=False):
+        hc, wc = h.to(dtype), weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = (hc[rows] @ wc.T).float()
+            total += F.cross_entropy(logits, t[rows], ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (t != IGNORE_INDEX).sum()
+
+
+class _ChunkedLMLoss(torch.autograd.Function):
+    """The loss and both input gradients in one pass over the chunks (as Liger-Kernel's fused
+    linear cross-entropy does): backward only scales the stored gradients, so no logits are kept
+    for it and none are recomputed."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, dtype, chunk_rows):  # noqa: ANN001, ANN205
+        with torch.autocast(h.device.type, enabled=False):
+            hc, wc = h.to(dtype), weight.to(dtype)
+            valid = targets != IGNORE_INDEX
+            safe = torch.where(valid, targets, 0)  # ignored rows pick column 0, masked out below
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            grad_h = torch.empty_like(hc)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for start in range(0, h.size(0), chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                logits = (hc[rows] @ wc.T).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                target_logit = logits.gather(1, safe[rows, None]).squeeze(1)
+                total += ((lse - target_logit) * valid[rows]).sum()
+                # d(summed loss)/d(logits) = softmax - one_hot(target), zero on ignored rows;
+                # built in place in the logits' buffer
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad.scatter_add_(1, safe[rows, None], torch.full_like(target_logit[:, None], -1.0))
+                grad = grad.mul_(valid[rows, None]).to(dtype)
+                grad_h[rows] = grad @ wc
+                grad_w += (grad.T @ hc[rows]).float()
+            count = valid.sum()
+        ctx.save_for_backward(grad_h, grad_w, count)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # noqa: ANN001, ANN205
+        grad_h, grad_w, count = ctx.saved_tensors
+        scale = grad_loss / count
+        h_dtype, w_dtype = ctx.dtypes
+        return (grad_h * scale).to(h_dtype), (grad_w * scale).to(w_dtype), None, None, None
+
+
 class Decoder(nn.Module):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
@@ -260,12 +332,15 @@ class Decoder(nn.Module):
         targets: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> DecoderOutput:
         """Logits [B, T, vocab] and, given targets, the mean next-token loss.
 
         targets[:, t] is the token that follows input_ids[:, t] (already shifted by the caller);
         positions holding -100 are ignored. position_ids ([T] or [B, T]) default to 0..T-1;
         attn_mask (bool, True = may attend, broadcastable to [B, 1, T, T]) replaces the causal mask.
+        With targets and return_logits=False, logits is None and the loss comes from
+        chunked_lm_loss: the same value, faster, and without the full logits in memory.
         """
         T = input_ids.shape[1]
         if position_ids is None:
@@ -280,8 +355,12 @@ class Decoder(nn.Module):
         x = self.model.embed_tokens(input_ids)
         for block in self.model.layers:
             x = block(x, cos, sin, attn_mask)
-        logits = self.lm_head(self.model.norm(x))
+        hidden = self.model.norm(x)
 
+        if targets is not None and not return_logits:
+            # the training path: the loss without ever holding [B*T, vocab] logits
+            return DecoderOutput(logits=None, loss=chunked_lm_loss(hidden, self.lm_head.weight, targets))
+        logits = self.lm_head(hidden)
         loss = None
         if targets is not None:
             # fp32 for the softmax: bf16 logits lose too much precision over a large vocabulary

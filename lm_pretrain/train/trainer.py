@@ -152,10 +152,11 @@ def forward_loss(
     model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, bos_token_id: int | None
 ) -> torch.Tensor:
     """The model's loss on a batch; with a BOS id, packed documents are kept apart."""
+    # return_logits=False: the chunked loss, which never holds full-vocabulary logits
     if bos_token_id is None:
-        return model(inputs, targets).loss
+        return model(inputs, targets, return_logits=False).loss
     positions, mask = document_masks(inputs, bos_token_id)
-    return model(inputs, targets, position_ids=positions, attn_mask=mask).loss
+    return model(inputs, targets, position_ids=positions, attn_mask=mask, return_logits=False).loss
 
 
 @torch.no_grad()

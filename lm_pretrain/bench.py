@@ -1,0 +1,644 @@
+"""`lmp bench`: how fast lmp trains, measured against transformers' LlamaForCausalLM in one run.
+
+One run measures the machine's matmul peak (fp32 and bf16), then trains lmp's decoder (eager and,
+with compile, torch.compile'd as train.compile does) and transformers' LlamaForCausalLM built with
+the identical config and starting weights, on the same random token batches, with bf16 autocast
+and fused AdamW for all. Steps are interleaved (transformers, lmp, lmp compiled, transformers, ...)
+so a noisy shared machine slows every model alike, and per-phase medians are reported:
+
+- data: waiting for the next batch from the background loader thread (PackedWindows, as training);
+- forward / backward / optimizer (gradient clipping, fused AdamW step, zero_grad);
+- tokens/s from the median step, MFU = achieved model FLOP/s over the best bf16 matmul rate measured
+  (model FLOPs per token: 6 x matmul parameters + 12 x layers x hidden x seq, the PaLM convention);
+- peak memory of a training step (CPU: peak RSS above the built model, each model in its own
+  process; GPU: torch.cuda.max_memory_allocated), and for lmp's loss with and without chunking.
+
+lmp trains with `forward(..., return_logits=False)`, which takes the loss from chunked_lm_loss (no
+full-vocabulary fp32 logits). The loss is fetched once every LOSS_EVERY steps, never per step.
+It also reports tokenizer training and encoding throughput on the builtin demo corpus, and
+minimal-pair scoring throughput of `lmp eval` on lmp's grammar probe.
+
+On a GPU the same code runs in CUDA with bf16 autocast, where SDPA picks flash attention; phases
+are timed with a synchronize between them, and MFU is against the measured bf16 matmul peak.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lm_pretrain.data.loader import PackedWindows
+from lm_pretrain.model.decoder import Decoder, DecoderConfig
+
+LOSS_EVERY = 10  # steps between host reads of the loss, as train.log_every does
+HF = "transformers"
+LMP = "lmp"
+LMP_COMPILED = "lmp compiled"
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int | None = None
+    intermediate: int | None = None
+    vocab: int = 8192
+    seq: int = 256
+    batch: int = 16
+    tie_embeddings: bool = True
+
+    def decoder_config(self) -> DecoderConfig:
+        # the recipe's default MLP width: 8/3 x hidden rounded up to a multiple of 64
+        intermediate = self.intermediate or int(math.ceil(8 * self.hidden / 3 / 64)) * 64
+        return DecoderConfig(
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            num_layers=self.layers,
+            num_heads=self.heads,
+            num_kv_heads=self.kv_heads or self.heads,
+            intermediate_size=intermediate,
+            max_seq_len=self.seq,
+            tie_embeddings=self.tie_embeddings,
+        )
+
+
+def shape_from_recipe(path: Path, overrides: list[str] | None = None) -> Shape:
+    """The model, sequence length and micro-batch of a recipe; the vocabulary is the tokenizer's target."""
+    from lm_pretrain.recipe import load_recipe
+
+    recipe = load_recipe(path, overrides)
+    m = recipe.model
+    return Shape(
+        hidden=m.hidden_size,
+        layers=m.num_layers,
+        heads=m.num_heads,
+        kv_heads=m.num_kv_heads,
+        intermediate=m.intermediate_size,
+        vocab=recipe.tokenizer.vocab_size,
+        seq=recipe.seq_len,
+        batch=recipe.train.micro_batch_size or recipe.train.batch_size,
+        tie_embeddings=m.tie_embeddings,
+    )
+
+
+@dataclass
+class ModelResult:
+    name: str
+    tokens_per_s: float
+    step_s: float
+    data_s: float
+    forward_s: float
+    backward_s: float
+    optimizer_s: float
+    data_share: float
+    mfu: float
+    peak_memory_mb: float | None = None
+    final_loss: float | None = None
+
+
+@dataclass
+class BenchResult:
+    device: str
+    shape: dict
+    parameters: int
+    flops_per_token: float
+    peak_gflops: dict
+    models: list[ModelResult]
+    ratios: dict
+    loss_memory_mb: dict = field(default_factory=dict)
+    prep: dict | None = None
+    eval: dict | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- machine peak
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(
+    dtype: torch.dtype, device: torch.device, shape: tuple[int, int, int] | None = None, repeats: int = 5
+) -> float:
+    """The best GFLOP/s of an (m x k) @ (k x n) matmul, square by default: the machine's peak."""
+    size = 8192 if device.type == "cuda" else 1024
+    m, k, n = shape or (size, size, size)
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    inner = 20 if device.type == "cuda" else 4
+    torch.mm(a, b)  # warm-up: thread pools, kernel selection
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b)
+        _sync(device)
+        best = min(best, (time.perf_counter() - start) / inner)
+    return 2 * m * k * n / best / 1e9
+
+
+def flops_per_token(cfg: DecoderConfig, seq: int) -> float:
+    """Training FLOPs per token: 6 per matmul parameter (forward + backward), plus attention's
+    score and value products, 12 x layers x hidden x seq (PaLM appendix B; nanoGPT's MFU)."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_kv_heads * cfg.head_dim
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i  # q, o; k, v; gate, up, down
+    matmul_params = cfg.num_layers * per_layer + cfg.vocab_size * h  # + lm_head
+    return 6 * matmul_params + 12 * cfg.num_layers * h * seq
+
+
+# ---------------------------------------------------------------- the models
+
+
+def build_models(shape: Shape, device: torch.device, seed: int = 0) -> tuple[Decoder, torch.nn.Module]:
+    """lmp's decoder and transformers' LlamaForCausalLM with the same config and weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = shape.decoder_config()
+    lmp = Decoder(cfg).to(device)
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
+    hf = LlamaForCausalLM(hf_cfg).to(device)
+    # parameter names are transformers' own, so the state dict loads as it is
+    hf.load_state_dict(lmp.state_dict(), strict=True)
+    return lmp, hf
+
+
+def _optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
+    # as build_optimizer: decay on matrices only, fused AdamW
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=3e-4, fused=True)
+
+
+def _hf_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # what transformers' own loss does with labels: fp32 logits, mean cross-entropy
+    logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+
+def _lmp_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return model(inputs, targets, return_logits=False).loss
+
+
+def _lmp_plain_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return model(inputs, targets).loss
+
+
+class Trainee:
+    """One model under training: its loss function, optimizer and per-phase step timings."""
+
+    def __init__(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+        device: torch.device,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.loss_fn = loss_fn
+        self.device = device
+        self.optimizer = _optimizer(model)
+        self.times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+        self.loss_sum = torch.zeros((), device=device)
+        self.last_loss: float | None = None
+        self.steps = 0
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, record: bool) -> None:
+        t0 = time.perf_counter()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            loss = self.loss_fn(self.model, inputs, targets)
+        _sync(self.device)  # only to split the phases; the trainer never syncs here
+        t1 = time.perf_counter()
+        loss.backward()
+        _sync(self.device)
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        _sync(self.device)
+        t3 = time.perf_counter()
+        self.loss_sum += loss.detach()
+        self.steps += 1
+        if self.steps % LOSS_EVERY == 0:
+            self.last_loss = self.loss_sum.item() / LOSS_EVERY
+            self.loss_sum.zero_()
+        if record:
+            self.times["forward"].append(t1 - t0)
+            self.times["backward"].append(t2 - t1)
+            self.times["optimizer"].append(t3 - t2)
+
+
+# ---------------------------------------------------------------- data
+
+
+class BackgroundBatches:
+    """Packed windows of a random token stream, made by a worker thread ahead of the step."""
+
+    def __init__(self, shape: Shape, device: torch.device, seed: int = 0, ahead: int = 2) -> None:
+        tokens = np.random.default_rng(seed).integers(0, shape.vocab, size=shape.seq * shape.batch * 64)
+        self.windows = PackedWindows(
+            tokens.astype(np.uint16 if shape.vocab < 65536 else np.int32), shape.seq, seed, 0
+        )
+        self.batch = shape.batch
+        self.device = device
+        self.queue: queue.Queue = queue.Queue(maxsize=ahead)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        sample = 0
+        while not self.stopped.is_set():
+            inputs, targets = self.windows.batch(sample, self.batch)
+            if self.device.type == "cuda":
+                inputs, targets = inputs.pin_memory(), targets.pin_memory()
+            sample += self.batch
+            while not self.stopped.is_set():
+                try:
+                    self.queue.put((inputs, targets), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = self.queue.get()
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class RssSampler:
+    """Samples this process's RSS every `interval` seconds in a thread; .peak is the highest seen."""
+
+    def __init__(self, interval: float = 0.0005) -> None:
+        self.interval = interval
+        self.peak = _rss_mb()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._work, daemon=True)
+
+    def _work(self) -> None:
+        while not self.stopped.is_set():
+            self.peak = max(self.peak, _rss_mb())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def _memory_child(shape: Shape, which: str) -> float:
+    """Peak memory (MiB) of a training step above the memory held before it, in a fresh process.
+
+    The first step pages in code and creates the optimizer state; the second is the one measured,
+    so the figure is activations, gradients and temporaries (the loss's logits among them).
+    """
+    device = torch.device("cpu")
+    lmp, hf = build_models(shape, device)
+    model, loss_fn = {"hf": (hf, _hf_loss), "lmp": (lmp, _lmp_loss), "lmp-plain": (lmp, _lmp_plain_loss)}[
+        which
+    ]
+    del lmp, hf  # only the measured model stays alive
+    trainee = Trainee(which, model, loss_fn, device)
+    data = BackgroundBatches(shape, device)
+    batches = [data.next() for _ in range(2)]
+    data.close()
+    trainee.step(*batches[0], record=False)
+    before = _rss_mb()
+    with RssSampler() as sampler:
+        trainee.step(*batches[1], record=False)
+    return sampler.peak - before
+
+
+def step_memory_mb(shape: Shape, which: str) -> float | None:
+    """_memory_child in a subprocess: peak RSS is per process, and allocator caches are shared."""
+    # glibc then maps every large block on its own and unmaps it when freed, so RSS follows live tensors
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    code = (
+        "import json, sys; from lm_pretrain.bench import Shape, _memory_child; "
+        "print(json.dumps(_memory_child(Shape(**json.loads(sys.argv[1])), sys.argv[2])))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(asdict(shape)), which],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        return None
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- prep and eval throughput
+
+
+def prep_throughput(vocab: int, max_documents: int | None = None) -> dict:
+    """Tokenizer training and encoding of the builtin demo corpus, as `lmp data prepare` does."""
+    from lm_pretrain.data.builtin import demo_documents
+    from lm_pretrain.data.tokenizer import train_tokenizer
+    from lm_pretrain.recipe import TokenizerConfig
+
+    docs = demo_documents()[:max_documents]
+    texts = [d.text for d in docs]
+    cfg = TokenizerConfig(vocab_size=vocab)
+    start = time.perf_counter()
+    tok = train_tokenizer(texts, cfg)
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    encoded = tok.encode_batch(texts)
+    encode_s = time.perf_counter() - start
+    n_tokens = sum(len(e.ids) for e in encoded)
+    words = sum(len(t.split()) for t in texts)
+    return {
+        "documents": len(texts),
+        "words": words,
+        "tokens": n_tokens,
+        "tokenizer_train_s": train_s,
+        "tokenizer_train_words_per_s": words / train_s,
+        "encode_tokens_per_s": n_tokens / encode_s,
+        "_tokenizer": tok,
+        "_cfg": cfg,
+    }
+
+
+def eval_throughput(shape: Shape, tokenizer: Any, cfg: Any, pairs_per_phenomenon: int = 20) -> dict:
+    """Minimal pairs scored per second by `lmp eval`'s scorer on lmp's grammar probe, for an
+    (untrained) model of the benchmark's shape; the speed does not depend on the weights."""
+    try:
+        from lm_pretrain.eval.probe import probe_items
+        from lm_pretrain.eval.runner import score_items
+        from lm_pretrain.eval.scoring import load_scoring_model
+    except ImportError as exc:
+        return {"available": False, "reason": f"lm_pretrain.eval not available ({exc})"}
+    from lm_pretrain.data.tokenizer import save_hf_tokenizer, special_token_ids
+    from lm_pretrain.model.export import save_model
+
+    ids = special_token_ids(tokenizer, cfg)
+    config = shape.decoder_config()
+    config.vocab_size = tokenizer.get_vocab_size()
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = ids["bos"], ids["eos"], ids["pad"]
+    model = Decoder(config)
+    items = probe_items(0, pairs_per_phenomenon)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        save_model(model, folder)
+        save_hf_tokenizer(tokenizer, folder, cfg, config.max_seq_len)
+        sm = load_scoring_model(folder, "causal", device="cuda" if torch.cuda.is_available() else "cpu")
+        score_items(sm, items[:4])  # warm-up
+        start = time.perf_counter()
+        score_items(sm, items)
+        seconds = time.perf_counter() - start
+    return {"available": True, "pairs": len(items), "seconds": seconds, "pairs_per_s": len(items) / seconds}
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def run_bench(
+    shape: Shape,
+    steps: int = 10,
+    warmup: int = 2,
+    compile: bool = True,
+    memory: bool = True,
+    prep: bool = True,
+    prep_documents: int | None = None,
+    eval_pairs: int = 20,
+    log: Callable[[str], None] = lambda _: None,
+) -> BenchResult:
+    """Measure everything described in the module docstring; steps are timed after warmup."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    log("measuring the matmul peak")
+    peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
+    # the rate of the model's own MLP matmul: small matrices rarely reach the square-matmul peak
+    mlp = (shape.batch * shape.seq, shape.hidden, shape.decoder_config().intermediate_size)
+    peaks["bf16_mlp_shape"] = matmul_peak(torch.bfloat16, device, mlp)
+
+    lmp, hf = build_models(shape, device)
+    trainees = [Trainee(HF, hf, _hf_loss, device), Trainee(LMP, lmp, _lmp_loss, device)]
+    if compile:
+        # a second copy with the same weights, compiled as train.compile compiles the model
+        lmp_c = Decoder(lmp.config).to(device)
+        lmp_c.load_state_dict(lmp.state_dict())
+        trainees.append(Trainee(LMP_COMPILED, torch.compile(lmp_c), _lmp_loss, device))
+
+    data = BackgroundBatches(shape, device)
+    data_times: list[float] = []
+    try:
+        for step in range(warmup + steps):
+            if step == 0:
+                log("warm-up" + (" (compiling)" if compile else ""))
+            elif step == warmup:
+                log(f"timing {steps} interleaved steps per model")
+            for trainee in trainees:
+                start = time.perf_counter()
+                inputs, targets = data.next()
+                if step >= warmup:
+                    data_times.append(time.perf_counter() - start)
+                trainee.step(inputs, targets, record=step >= warmup)
+    finally:
+        data.close()
+
+    cfg = lmp.config
+    fpt = flops_per_token(cfg, shape.seq)
+    peak = max(peaks["bf16"], peaks["bf16_mlp_shape"])  # the best bf16 rate measured is the limit
+    data_s = statistics.median(data_times)
+    results = []
+    for t in trainees:
+        phases = {k: statistics.median(v) for k, v in t.times.items()}
+        # the median of whole steps, not the sum of phase medians
+        step_s = (
+            statistics.median(
+                f + b + o
+                for f, b, o in zip(t.times["forward"], t.times["backward"], t.times["optimizer"], strict=True)
+            )
+            + data_s
+        )
+        tps = shape.batch * shape.seq / step_s
+        results.append(
+            ModelResult(
+                name=t.name,
+                tokens_per_s=tps,
+                step_s=step_s,
+                data_s=data_s,
+                forward_s=phases["forward"],
+                backward_s=phases["backward"],
+                optimizer_s=phases["optimizer"],
+                data_share=data_s / step_s,
+                mfu=tps * fpt / (peak * 1e9),
+                final_loss=t.last_loss,
+            )
+        )
+    by_name = {r.name: r for r in results}
+    ratios = {f"{r.name} / {HF}": r.tokens_per_s / by_name[HF].tokens_per_s for r in results if r.name != HF}
+
+    loss_memory: dict = {}
+    if memory and device.type == "cpu":
+        log("measuring peak step memory (one process per model)")
+        by_name[HF].peak_memory_mb = step_memory_mb(shape, "hf")
+        by_name[LMP].peak_memory_mb = step_memory_mb(shape, "lmp")
+        plain = step_memory_mb(shape, "lmp-plain")
+        loss_memory = {"plain_loss": plain, "chunked_loss": by_name[LMP].peak_memory_mb}
+        if plain is not None and by_name[LMP].peak_memory_mb is not None:
+            loss_memory["saving"] = plain - by_name[LMP].peak_memory_mb
+    elif memory:
+        loss_memory = _gpu_loss_memory(shape, device, lmp, hf, by_name)
+
+    prep_result = eval_result = None
+    if prep:
+        log("tokenizer training and encoding on builtin:demo")
+        prep_result = prep_throughput(shape.vocab, prep_documents)
+        if eval_pairs > 0:
+            log("minimal-pair scoring")
+            eval_result = eval_throughput(shape, prep_result["_tokenizer"], prep_result["_cfg"], eval_pairs)
+        prep_result = {k: v for k, v in prep_result.items() if not k.startswith("_")}
+
+    return BenchResult(
+        device=_device_name(device),
+        shape=asdict(shape),
+        parameters=lmp.num_parameters(),
+        flops_per_token=fpt,
+        peak_gflops=peaks,
+        models=results,
+        ratios=ratios,
+        loss_memory_mb=loss_memory,
+        prep=prep_result,
+        eval=eval_result,
+    )
+
+
+def _gpu_loss_memory(
+    shape: Shape, device: torch.device, lmp: Decoder, hf: torch.nn.Module, by_name: dict[str, ModelResult]
+) -> dict:
+    """On a GPU the allocator counts exactly: one step of each, peak allocated above the start."""
+    peaks = {}
+    for name, model, loss_fn in [(HF, hf, _hf_loss), (LMP, lmp, _lmp_loss), ("plain", lmp, _lmp_plain_loss)]:
+        trainee = Trainee(name, model, loss_fn, device)
+        inputs = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device)
+        targets = torch.roll(inputs, -1, 1)
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        trainee.step(inputs, targets, record=False)
+        peaks[name] = (torch.cuda.max_memory_allocated() - start) / 2**20
+    by_name[HF].peak_memory_mb, by_name[LMP].peak_memory_mb = peaks[HF], peaks[LMP]
+    return {"plain_loss": peaks["plain"], "chunked_loss": peaks[LMP], "saving": peaks["plain"] - peaks[LMP]}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu, {torch.get_num_threads()} threads"
+
+
+def result_table(result: BenchResult) -> Any:
+    from rich.table import Table
+
+    s = result.shape
+    title = (
+        f"{result.device}: hidden {s['hidden']}, {s['layers']} layers, seq {s['seq']}, batch {s['batch']}, "
+        f"vocab {s['vocab']} ({result.parameters / 1e6:.1f}M parameters), bf16 autocast; matmul peak "
+        f"fp32 {result.peak_gflops['fp32']:.0f}, bf16 {result.peak_gflops['bf16']:.0f} GFLOP/s "
+        f"(bf16 at the MLP's shape {result.peak_gflops['bf16_mlp_shape']:.0f})"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ["model", "tokens/s", "vs transformers", "MFU", "data", "forward", "backward", "optimizer",
+                   "peak MiB"]:  # fmt: skip
+        table.add_column(column, justify="left" if column == "model" else "right")
+    hf_tps = next(r.tokens_per_s for r in result.models if r.name == HF)
+    for r in result.models:
+        table.add_row(
+            r.name,
+            f"{r.tokens_per_s:,.0f}",
+            f"{r.tokens_per_s / hf_tps:.2f}x",
+            f"{r.mfu:.1%}",
+            f"{r.data_s * 1e3:.1f} ms ({r.data_share:.1%})",
+            f"{r.forward_s * 1e3:.0f} ms",
+            f"{r.backward_s * 1e3:.0f} ms",
+            f"{r.optimizer_s * 1e3:.0f} ms",
+            "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:,.0f}",
+        )
+    return table
+
+
+def result_lines(result: BenchResult) -> list[str]:
+    """The lines printed under the table: loss memory, preparation and evaluation throughput."""
+    lines = [f"ratio {name}: {ratio:.2f}x" for name, ratio in result.ratios.items()]
+    mem = result.loss_memory_mb
+    if mem.get("saving") is not None:
+        lines.append(
+            f"lmp step peak memory: plain loss {mem['plain_loss']:,.0f} MiB, chunked loss "
+            f"{mem['chunked_loss']:,.0f} MiB (saves {mem['saving']:,.0f} MiB)"
+        )
+    if result.prep:
+        p = result.prep
+        lines.append(
+            f"data prep (builtin:demo, {p['documents']} documents, {p['words']:,} words): tokenizer training "
+            f"{p['tokenizer_train_s']:.1f} s ({p['tokenizer_train_words_per_s']:,.0f} words/s), encoding "
+            f"{p['encode_tokens_per_s']:,.0f} tokens/s"
+        )
+    if result.eval:
+        e = result.eval
+        if e["available"]:
+            lines.append(f"eval: {e['pairs']} probe minimal pairs, {e['pairs_per_s']:,.1f} pairs/s")
+        else:
+            lines.append(f"eval: {e['reason']}")
+    return lines
+
+
+def write_json(result: BenchResult, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
