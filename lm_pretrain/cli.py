@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -82,10 +83,17 @@ def train(
     from lm_pretrain.train.trainer import train as run_training
 
     loaded = load_recipe(recipe, set_)
+    branch = None
+    if branch_from is not None:
+        if decay_steps is not None and decay_fraction is not None:
+            raise LmpError("give one of --decay-steps and --decay-fraction, not both")
+        branch = Branch(branch_from, decay_steps, decay_fraction)
+    elif decay_steps is not None or decay_fraction is not None:
+        raise LmpError("--decay-steps / --decay-fraction need --branch-from CHECKPOINT")
+    run_dir = out or Path("runs") / (branch.run_name(loaded.name) if branch else loaded.name)
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         # the same command once per process, through torch's own launcher (as accelerate launch does)
-        args = [str(recipe), *[x for item in set_ or [] for x in ("--set", item)]]
-        args += ["--out", str(out)] if out else []
+        args = [str(recipe), *[x for item in set_ or [] for x in ("--set", item)], "--out", str(run_dir)]
         args += ["--resume"] if resume else []
         args += ["--branch-from", str(branch_from)] if branch_from else []
         args += ["--decay-steps", str(decay_steps)] if decay_steps is not None else []
@@ -97,15 +105,12 @@ def train(
             "--standalone",
             f"--nproc_per_node={nproc}",
         ]
-        sys.exit(subprocess.run([*launcher, "-m", "lm_pretrain.cli", "train", *args]).returncode)
-    branch = None
-    if branch_from is not None:
-        if decay_steps is not None and decay_fraction is not None:
-            raise LmpError("give one of --decay-steps and --decay-fraction, not both")
-        branch = Branch(branch_from, decay_steps, decay_fraction)
-    elif decay_steps is not None or decay_fraction is not None:
-        raise LmpError("--decay-steps / --decay-fraction need --branch-from CHECKPOINT")
-    run_dir = out or Path("runs") / (branch.run_name(loaded.name) if branch else loaded.name)
+        code = subprocess.run([*launcher, "-m", "lm_pretrain.cli", "train", *args]).returncode
+        status = run_dir / "status.json"
+        # the launcher reports any worker's non-zero exit as a failure; a stop keeps its own code
+        if code and status.is_file() and json.loads(status.read_text()).get("state") == "stopped":
+            code = EXIT_STOPPED
+        sys.exit(code)
     result = run_training(loaded, run_dir, console=console, branch=branch, resume=resume)
     if result.stopped_by_signal:
         sys.exit(EXIT_STOPPED)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from lm_pretrain.errors import LmpError
 
-# files of a checkpoint that make up the model; the rest is training state
-_TRAINING_STATE = {"optimizer.pt", "rng-0.pt", "trainer_state.json"}
+
+def _is_training_state(name: str) -> bool:
+    """Files of a checkpoint that only resume needs (the rest makes up the model folder)."""
+    return name.endswith(".pt") or name == "trainer_state.json"
 
 
 def milestone_words() -> list[int]:
@@ -50,7 +52,7 @@ def export_milestones(run_dir: Path, out: Path, git: bool = False) -> list[Path]
     written = []
     for _, ckpt in found:
         target = out / ckpt.name
-        shutil.copytree(ckpt, target, ignore=lambda _d, names: [n for n in names if n in _TRAINING_STATE])
+        shutil.copytree(ckpt, target, ignore=lambda _d, names: [n for n in names if _is_training_state(n)])
         written.append(target)
     if git:
         _git_repository(run_dir, out / "repo", [p for _, p in found])
@@ -76,7 +78,7 @@ def _git_repository(run_dir: Path, repo: Path, checkpoints: list[Path]) -> None:
             if item.name != ".git":
                 shutil.rmtree(item) if item.is_dir() else item.unlink()
         for item in source.iterdir():
-            if item.is_file() and item.name not in _TRAINING_STATE:
+            if item.is_file() and not _is_training_state(item.name):
                 shutil.copy2(item, repo / item.name)
         run("add", "-A")
         run("commit", "-q", "-m", f"{source.name} of {run_dir.name}")

@@ -47,3 +47,45 @@ def test_two_processes_match_one_and_resume_across_counts(bible_corpus, tmp_path
         got = losses(tmp_path / name)
         assert sorted(got) == list(range(1, 13))
         assert max(abs(one[s] - got[s]) / one[s] for s in one) < 1e-3
+
+
+def worker_pid(tag: str, rank: int) -> int | None:
+    """The training process of `rank` among those started with LMP_TEST_TAG=tag."""
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"LMP_TEST_TAG={tag}".encode() in env and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_all_ranks_at_one_step(bible_corpus, tmp_path):
+    if not Path("/proc/self/environ").is_file():
+        pytest.skip("needs /proc to find the worker processes")
+    import signal
+    import time
+
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    train(bible_corpus, cache, tmp_path / "reference", 12, nproc=2)
+    cmd = [sys.executable, "-m", "lm_pretrain.cli", "train", *tiny_run_args(bible_corpus, cache, 12, **SETS)]
+    cmd += ["--out", str(run), "--nproc", "2"]
+    tag = str(os.getpid())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LMP_TEST_TAG": tag}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").is_file() and max(losses(run), default=0) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    os.kill(worker_pid(tag, 1), signal.SIGUSR1)  # only rank 1 gets it, as a node's workers might
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, output
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "stopped" and status["step"] < 12
+    assert (run / "checkpoints" / f"step-{status['step']}" / "rng-1.pt").is_file()  # every rank's RNG
+
+    train(bible_corpus, cache, run, 12, nproc=2)
+    reference = losses(tmp_path / "reference")
+    assert losses(run) == reference  # the same processes and data: bit for bit

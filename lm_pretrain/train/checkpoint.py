@@ -107,9 +107,11 @@ def save_checkpoint(
     keep_last: int,
     name: str | None = None,
     extra: dict[str, Any] | None = None,
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write checkpoints/<name>/ (default step-<N>) atomically, then prune step-<N> folders to
-    the newest `keep_last`. Named (milestone) checkpoints are always kept."""
+    the newest `keep_last`. Named (milestone) checkpoints are always kept. `rng_states` holds
+    every process's RNG state (rng-<rank>.pt); by default this process's alone."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     name = name or f"step-{state['step']}"
@@ -118,7 +120,8 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     write_model_folder(model, tokenizer_dir, tmp, {"kind": "checkpoint", **state})
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(rng_state(), tmp / "rng-0.pt")
+    for rank, rng in enumerate(rng_states or [rng_state()]):
+        torch.save(rng, tmp / f"rng-{rank}.pt")
     for file_name, obj in (extra or {}).items():  # e.g. the weight average's state
         torch.save(obj, tmp / file_name)
     # trainer_state.json last: its presence is what marks a checkpoint as complete
@@ -133,9 +136,11 @@ def load_checkpoint(
     path: Path,
     model: Decoder,
     optimizer: torch.optim.Optimizer,
+    rank: int = 0,
 ) -> dict[str, Any]:
-    """Restore model, optimizer and RNG from a checkpoint; return its trainer state (step, data
-    position, ...). The LR schedule needs nothing more: it is a pure function of the step."""
+    """Restore model, optimizer and this process's RNG from a checkpoint; return its trainer
+    state (step, data position, ...). The LR schedule needs nothing more: it is a pure function
+    of the step. A process the saving run did not have takes rank 0's RNG state."""
     from safetensors.torch import load_file
 
     missing = [n for n in (STATE_FILE, "model.safetensors", "optimizer.pt") if not (path / n).is_file()]
@@ -151,6 +156,9 @@ def load_checkpoint(
     except RuntimeError as exc:
         raise LmpError(f"checkpoint {path} does not fit this recipe's model: {exc}") from None
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    if (path / "rng-0.pt").is_file():
-        set_rng_state(torch.load(path / "rng-0.pt", weights_only=False))
+    rng_file = path / f"rng-{rank}.pt"
+    if not rng_file.is_file():
+        rng_file = path / "rng-0.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / STATE_FILE).read_text())

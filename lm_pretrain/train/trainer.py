@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from rich.console import Console
 
 from lm_pretrain.average import WeightAverager
@@ -35,6 +35,7 @@ from lm_pretrain.track import MetricsSink, TrainProgress, truncate_metrics, writ
 from lm_pretrain.train.checkpoint import (
     load_checkpoint,
     publish,
+    rng_state,
     save_checkpoint,
     step_checkpoints,
     write_model_folder,
@@ -331,7 +332,7 @@ def _train(
         "skipped_steps": 0,
     }
     if start_from is not None:
-        state = {**state, **load_checkpoint(start_from, model, optimizer)}
+        state = {**state, **load_checkpoint(start_from, model, optimizer, accelerator.process_index)}
         if averager is not None and (start_from / AVERAGE_FILE).is_file():
             averager.load_state_dict(torch.load(start_from / AVERAGE_FILE, weights_only=False))
         if accelerator.scaler is not None and (start_from / SCALER_FILE).is_file():  # fp16 on GPU
@@ -378,6 +379,7 @@ def _train(
         return extra
 
     def save(step_state: dict, name: str | None = None) -> None:
+        rng_states = gather_object([rng_state()])  # every process's, in rank order
         if is_main:
             save_checkpoint(
                 run_dir,
@@ -388,6 +390,7 @@ def _train(
                 recipe.checkpoint.keep_last,
                 name,
                 extra_state(),
+                rng_states,
             )
         accelerator.wait_for_everyone()
 
