@@ -45,6 +45,9 @@ import torch.nn.functional as F
 
 from lm_pretrain.data.loader import PackedWindows
 from lm_pretrain.model.decoder import Decoder, DecoderConfig
+from lm_pretrain.model.export import hf_config_dict
+from lm_pretrain.recipe import OptimConfig
+from lm_pretrain.train.trainer import build_optimizer
 
 LOSS_EVERY = 10  # steps between host reads of the loss, as train.log_every does
 HF = "transformers"
@@ -179,35 +182,12 @@ def build_models(shape: Shape, device: torch.device, seed: int = 0) -> tuple[Dec
     torch.manual_seed(seed)
     cfg = shape.decoder_config()
     lmp = Decoder(cfg).to(device)
-    hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        use_cache=False,
-        attn_implementation="sdpa",
-    )
+    # the config lmp exports, so both models are the same by construction
+    hf_cfg = LlamaConfig(**{**hf_config_dict(cfg), "use_cache": False}, attn_implementation="sdpa")
     hf = LlamaForCausalLM(hf_cfg).to(device)
     # parameter names are transformers' own, so the state dict loads as it is
     hf.load_state_dict(lmp.state_dict(), strict=True)
     return lmp, hf
-
-
-def _optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
-    # as build_optimizer: decay on matrices only, fused AdamW
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=3e-4, fused=True)
 
 
 def _hf_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -238,7 +218,7 @@ class Trainee:
         self.model = model
         self.loss_fn = loss_fn
         self.device = device
-        self.optimizer = _optimizer(model)
+        self.optimizer = build_optimizer(model, OptimConfig(lr=3e-4))
         self.times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
         self.loss_sum = torch.zeros((), device=device)
         self.last_loss: float | None = None

@@ -30,7 +30,7 @@ from lm_pretrain.errors import LmpError
 from lm_pretrain.milestones import milestone_name, milestone_words
 from lm_pretrain.model.decoder import Decoder, DecoderConfig
 from lm_pretrain.plot import write_run_plot
-from lm_pretrain.recipe import Recipe
+from lm_pretrain.recipe import OptimConfig, Recipe
 from lm_pretrain.track import MetricsSink, TrainProgress, truncate_metrics, write_status
 from lm_pretrain.train.checkpoint import (
     load_checkpoint,
@@ -122,15 +122,15 @@ def make_accelerator(precision: str) -> Accelerator:
     return Accelerator(cpu=not on_gpu, mixed_precision=mixed)
 
 
-def build_optimizer(model: Decoder, recipe: Recipe) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not norms), fused where the device supports it."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [
-        {"params": decay, "weight_decay": recipe.optim.weight_decay},
+        {"params": decay, "weight_decay": optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    kwargs = dict(lr=recipe.optim.lr, betas=recipe.optim.betas, eps=recipe.optim.eps)
+    kwargs = dict(lr=optim.lr, betas=optim.betas, eps=optim.eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):
@@ -316,7 +316,7 @@ def _train(
             pad_token_id=ids["pad"],
         )
     )
-    optimizer = build_optimizer(model, recipe)
+    optimizer = build_optimizer(model, recipe.optim)
     averager = None
     if cfg.average is not None:
         a = cfg.average
