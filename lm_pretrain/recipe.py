@@ -143,6 +143,9 @@ class TrainConfig(Section):
     eval_tokens: int = Field(65536, ge=1, description="validation tokens scored at each evaluation")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default all cores")
     average: AverageConfig | None = None
+    probe_items: int = Field(
+        0, ge=0, description="grammar-probe pairs per phenomenon scored at each validation (eval/probe)"
+    )
     skip_nonfinite: int = Field(
         0, ge=0, description="steps with a non-finite loss or gradient to skip before stopping"
     )

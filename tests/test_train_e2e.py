@@ -93,3 +93,19 @@ def test_weight_average_during_training(bible_corpus, tmp_path):
     for name, tensor in avg.items():
         torch.testing.assert_close(tensor, (a[name] + b[name]) / 2, rtol=0, atol=1e-7)
     assert (run / "checkpoints" / "step-20" / "average.pt").is_file()
+
+
+@pytest.mark.slow
+def test_grammar_probe_logged_during_training(bible_corpus, tmp_path):
+    from lm_pretrain.eval.runner import evaluate
+
+    run = tmp_path / "run"
+    extra = {"train.probe_items": 10, "train.eval_every": 10}
+    out = run_cli(["train", *tiny_run_args(bible_corpus, tmp_path / "cache", 20, **extra), "--out", str(run)])
+    assert "grammar probe" in out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    probes = {r["step"]: r["eval/probe"] for r in records if "eval/probe" in r}
+    assert sorted(probes) == [10, 20]
+    # the same score `lmp eval` gives the exported model (one flipped pair at most: float noise)
+    exported = evaluate(run / "final", ["probe"], probe_size=10).tasks[0].mean
+    assert abs(probes[20] - exported) <= 1.0

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.console import Console
 
 from lm_pretrain.errors import LmpError
@@ -125,3 +126,40 @@ def evaluate(
         else:
             result.notes.append("perplexity skipped: not an lmp run folder and no --text given")
     return result
+
+
+class _DecoderAsHF(torch.nn.Module):
+    """An lmp Decoder seen through the calls scoring makes of a transformers model."""
+
+    def __init__(self, decoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple:
+        return self.decoder(input_ids)  # rows are unpadded, so the mask is all ones
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.decoder.lm_head
+
+
+@torch.no_grad()
+def probe_during_training(decoder: torch.nn.Module, tokenizer_dir: Path, per_phenomenon: int) -> float:
+    """The grammar probe's mean accuracy (%) for a model being trained, scored exactly as
+    `lmp eval --tasks probe` scores its export (fp32, causal backend, seed 0)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, padding_side="right", local_files_only=True)
+    device = next(decoder.parameters()).device
+    was_training = decoder.training
+    sm = ScoringModel(_DecoderAsHF(decoder).eval(), tokenizer, "causal", tokenizer_dir, device)
+    items = probe_items(0, per_phenomenon)
+    sentences = [s for item in items for s in item.sentences]
+    completions = [c for item in items for c in item.completions]
+    try:
+        # no group sizes: the shared-context path needs a key/value cache, which lmp's model lacks
+        flat = score_candidates(sm, sentences, completions)
+        bounds = np.cumsum([0] + [len(item.sentences) for item in items])
+        scores = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return judge("probe", "lmp templates, seed 0", items, scores).mean
+    finally:
+        decoder.train(was_training)

@@ -483,6 +483,12 @@ def _train(
                             model, val_batches, accelerator, document_bos
                         )
                     message += f", averaged weights ({cfg.average.kind}) {record['val_loss_avg']:.4f}"
+                if is_main and cfg.probe_items:
+                    from lm_pretrain.eval.runner import probe_during_training
+
+                    unwrapped = accelerator.unwrap_model(model)
+                    record["eval/probe"] = probe_during_training(unwrapped, tokenizer_dir, cfg.probe_items)
+                    message += f", grammar probe {record['eval/probe']:.1f}%"
                 progress.print(message)
             if record is not None:
                 sink.log(record)
