@@ -89,3 +89,20 @@ def test_a_signal_to_one_rank_stops_all_ranks_at_one_step(bible_corpus, tmp_path
     train(bible_corpus, cache, run, 12, nproc=2)
     reference = losses(tmp_path / "reference")
     assert losses(run) == reference  # the same processes and data: bit for bit
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_saves_with_two_processes(bible_corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lm_pretrain.cli", "train"]
+    cmd += tiny_run_args(
+        bible_corpus, tmp_path / "cache", 6, **{"train.compile": True, "checkpoint.every": 3}
+    )
+    cmd += ["--out", str(run), "--nproc", "2"]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3", "step-6"]
+    # saved under transformers' names (not the compiled wrapper's), so it loads as is
+    AutoModelForCausalLM.from_pretrained(run / "final", local_files_only=True)

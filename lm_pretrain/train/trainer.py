@@ -343,6 +343,9 @@ def _train(
             console.print(f"{verb} from {start_from} (step {state['step']})")
         # drop whatever a killed earlier attempt logged after the state we start from
         truncate_metrics(run_dir, state["step"] if start_from is not None else -1)
+    # the plain Decoder, sharing its parameters with the DDP / compiled wrappers: what is saved,
+    # averaged and probed (a compiled wrapper would prefix every parameter name)
+    core = model
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.compile:
         model = torch.compile(model)
@@ -361,7 +364,7 @@ def _train(
     val_batches = validation_batches(data.val.tokens, seq_len, cfg.eval_tokens, micro, ids["bos"])
     sink = MetricsSink(run_dir, recipe, enabled=is_main)
     if is_main:
-        n_params = accelerator.unwrap_model(model).num_parameters()
+        n_params = core.num_parameters()
         console.print(
             f"model: {n_params / 1e6:.2f}M parameters | {steps} steps x {cfg.batch_size} sequences x "
             f"{seq_len} tokens = {steps * tokens_per_step / 1e6:.1f}M tokens, "
@@ -383,7 +386,7 @@ def _train(
         if is_main:
             save_checkpoint(
                 run_dir,
-                accelerator.unwrap_model(model),
+                core,
                 optimizer,
                 tokenizer_dir,
                 step_state,
@@ -434,7 +437,7 @@ def _train(
             if torch.isfinite(grad_norm):
                 optimizer.step()
                 if averager is not None and averager.due(step + 1):
-                    averager.update(accelerator.unwrap_model(model))
+                    averager.update(core)
                 loss_acc += step_loss
                 steps_acc += 1
             else:
@@ -478,7 +481,7 @@ def _train(
                 }
                 message = f"step {step}: validation loss {state['val_loss']:.4f}"
                 if averager is not None and averager.ready:
-                    with averager.applied(accelerator.unwrap_model(model)):
+                    with averager.applied(core):
                         record["val_loss_avg"] = validation_loss(
                             model, val_batches, accelerator, document_bos
                         )
@@ -486,8 +489,7 @@ def _train(
                 if is_main and cfg.probe_items:
                     from lm_pretrain.eval.runner import probe_during_training
 
-                    unwrapped = accelerator.unwrap_model(model)
-                    record["eval/probe"] = probe_during_training(unwrapped, tokenizer_dir, cfg.probe_items)
+                    record["eval/probe"] = probe_during_training(core, tokenizer_dir, cfg.probe_items)
                     message += f", grammar probe {record['eval/probe']:.1f}%"
                 progress.print(message)
             if record is not None:
@@ -519,17 +521,16 @@ def _train(
         final = run_dir / "final"
         tmp = run_dir / ".tmp-final"
         write_model_folder(
-            accelerator.unwrap_model(model),
+            core,
             tokenizer_dir,
             tmp,
             {"kind": "final", "recipe": recipe.name, **state, "unigram_entropy": data.unigram_entropy},
         )
         publish(tmp, final)
         if averager is not None and averager.ready:
-            unwrapped = accelerator.unwrap_model(model)
-            with averager.applied(unwrapped):
+            with averager.applied(core):
                 tmp = run_dir / ".tmp-final-avg"
-                write_model_folder(unwrapped, tokenizer_dir, tmp, {"kind": "final-avg", **state})
+                write_model_folder(core, tokenizer_dir, tmp, {"kind": "final-avg", **state})
                 publish(tmp, run_dir / "final-avg")
         (run_dir / "summary.json").write_text(
             json.dumps({**state, "unigram_entropy": data.unigram_entropy, "seconds": seconds}, indent=2)
