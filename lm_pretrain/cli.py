@@ -29,7 +29,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(recipe_app, name="recipe")
 
 console = Console(soft_wrap=True)  # long paths stay whole in logs
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
 SetOpt = Annotated[

@@ -109,3 +109,18 @@ def test_grammar_probe_logged_during_training(bible_corpus, tmp_path):
     # the same score `lmp eval` gives the exported model (one flipped pair at most: float noise)
     exported = evaluate(run / "final", ["probe"], probe_size=10).tasks[0].mean
     assert abs(probes[20] - exported) <= 1.0
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_is_refused_by_name(bible_corpus, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_run_args(bible_corpus, tmp_path / "cache", 10, **{"checkpoint.every": 5})
+    run_cli(["train", *args, "--out", str(run)])
+    weights = run / "checkpoints" / "step-10" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # damaged after it was written
+    longer = tiny_run_args(bible_corpus, tmp_path / "cache", 12, **{"checkpoint.every": 5})
+    result = CliRunner().invoke(app, ["train", *longer, "--out", str(run)])
+    assert result.exit_code == 2
+    assert "step-10 cannot be read" in result.output and "Move it aside" in result.output
+    assert (run / "checkpoints" / "step-5" / "model.safetensors").is_file()  # nothing else touched
+    assert len(weights.read_bytes()) == 100

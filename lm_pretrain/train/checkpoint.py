@@ -148,17 +148,26 @@ def load_checkpoint(
         raise LmpError(
             f"checkpoint {path} is incomplete (missing {', '.join(missing)}); delete it to resume from an earlier one"
         )
-    weights = load_file(path / "model.safetensors")
+    try:
+        weights = load_file(path / "model.safetensors")
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
+        rng_file = path / f"rng-{rank}.pt"
+        if not rng_file.is_file():
+            rng_file = path / "rng-0.pt"
+        rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
+        state = json.loads((path / STATE_FILE).read_text())
+    except Exception as exc:  # noqa: BLE001 - any unreadable file means the same to the user
+        raise LmpError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); it was damaged after it "
+            "was written. Move it aside to resume from the previous checkpoint."
+        ) from None
     if model.config.tie_embeddings and "lm_head.weight" not in weights:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
         raise LmpError(f"checkpoint {path} does not fit this recipe's model: {exc}") from None
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    rng_file = path / f"rng-{rank}.pt"
-    if not rng_file.is_file():
-        rng_file = path / "rng-0.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / STATE_FILE).read_text())
+    optimizer.load_state_dict(optimizer_state)
+    if rng is not None:
+        set_rng_state(rng)
+    return state
