@@ -28,7 +28,8 @@ recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(recipe_app, name="recipe")
 
-console = Console(soft_wrap=True)  # long paths stay whole in logs
+# long lines and wide tables stay whole when the output goes to a file or a pipe
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, soft_wrap=True)
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]

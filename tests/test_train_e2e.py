@@ -124,3 +124,6 @@ def test_damaged_checkpoint_is_refused_by_name(bible_corpus, tmp_path):
     assert "step-10 cannot be read" in result.output and "Move it aside" in result.output
     assert (run / "checkpoints" / "step-5" / "model.safetensors").is_file()  # nothing else touched
     assert len(weights.read_bytes()) == 100
+    (run / "checkpoints" / "step-10" / "trainer_state.json").write_text('{"step": 1')
+    result = CliRunner().invoke(app, ["train", *longer, "--out", str(run)])
+    assert result.exit_code == 2 and "step-10 has an unreadable trainer_state.json" in result.output

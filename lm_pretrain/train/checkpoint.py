@@ -92,7 +92,13 @@ def step_checkpoints(run_dir: Path) -> list[Path]:
     for path in folder.iterdir():
         if path.name.startswith(".") or not (path / STATE_FILE).is_file():
             continue
-        step = json.loads((path / STATE_FILE).read_text())["step"]
+        try:
+            step = json.loads((path / STATE_FILE).read_text())["step"]
+        except (ValueError, KeyError, TypeError):
+            raise LmpError(
+                f"checkpoint {path} has an unreadable {STATE_FILE}; move the folder aside to resume "
+                "from the previous checkpoint"
+            ) from None
         # at equal steps a step-N folder sorts last: it is the one resume reads
         found.append((step, bool(_STEP_DIR.match(path.name)), path.name, path))
     return [p for *_, p in sorted(found)]
