@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from lm_pretrain.data.loader import PackedWindows
-from lm_pretrain.model.decoder import Decoder, DecoderConfig
+from lm_pretrain.model.decoder import Decoder, DecoderConfig, default_intermediate_size
 from lm_pretrain.model.export import hf_config_dict
 from lm_pretrain.recipe import OptimConfig
 from lm_pretrain.train.trainer import build_optimizer
@@ -68,8 +68,7 @@ class Shape:
     tie_embeddings: bool = True
 
     def decoder_config(self) -> DecoderConfig:
-        # the recipe's default MLP width: 8/3 x hidden rounded up to a multiple of 64
-        intermediate = self.intermediate or int(math.ceil(8 * self.hidden / 3 / 64)) * 64
+        intermediate = self.intermediate or default_intermediate_size(self.hidden)
         return DecoderConfig(
             vocab_size=self.vocab,
             hidden_size=self.hidden,

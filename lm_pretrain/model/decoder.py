@@ -67,7 +67,7 @@ class DecoderConfig:
         instead of two, so 8/3 keeps the MLP's parameter count that of a 4x GELU MLP, and a
         multiple of 64 keeps matrix shapes friendly to fast kernels.
         """
-        intermediate = model.intermediate_size or _round_up(8 * model.hidden_size / 3, 64)
+        intermediate = model.intermediate_size or default_intermediate_size(model.hidden_size)
         return cls(
             vocab_size=vocab_size,
             hidden_size=model.hidden_size,
@@ -86,8 +86,9 @@ class DecoderConfig:
         )
 
 
-def _round_up(x: float, multiple: int) -> int:
-    return int(math.ceil(x / multiple)) * multiple
+def default_intermediate_size(hidden_size: int) -> int:
+    """SwiGLU width when a recipe gives none: 8/3 x hidden, rounded up to a multiple of 64."""
+    return int(math.ceil(8 * hidden_size / 3 / 64)) * 64
 
 
 class DecoderOutput(NamedTuple):
