@@ -47,7 +47,7 @@ TOKENIZER_FILES = (
     "tokenizer.model",
 )
 # copied to the output when present (they describe the model, not one checkpoint's training)
-EXTRA_FILES = ("generation_config.json",)
+EXTRA_FILES = ("generation_config.json", "modeling_lmp.py")
 # config.json keys that do not describe the architecture: they may differ between inputs
 _CONFIG_IGNORED = {"transformers_version", "_name_or_path", "torch_dtype", "dtype"}
 # scores a model: its validation loss in nats/token, lower is better

@@ -162,6 +162,34 @@ class TrainConfig(Section):
         return self
 
 
+class HybridConfig(Section):
+    """Masked next-token prediction (MNTP), alone or mixed with causal LM (GPT-BERT, BabyLM 2024).
+
+    A masked sequence has some tokens corrupted and attends in both directions; the output at
+    position k predicts the original token k + 1 wherever k + 1 was chosen. Spans of 1 to max_span
+    tokens are chosen together; a chosen span becomes the mask token, a random token (random_fraction)
+    or stays as it is (keep_fraction). The rate of chosen tokens moves linearly from mask_rate_start
+    to mask_rate_end over training.
+    """
+
+    masked_fraction: float = Field(
+        15 / 16, ge=0, le=1, description="objective hybrid: share of sequences masked, the rest causal"
+    )
+    mask_rate_start: float = Field(0.3, gt=0, lt=1)
+    mask_rate_end: float = Field(0.15, gt=0, lt=1)
+    random_fraction: float = Field(0.1, ge=0, le=1)
+    keep_fraction: float = Field(0.1, ge=0, le=1)
+    max_span: int = Field(3, ge=1, description="chosen spans are 1..max_span tokens long")
+
+    @model_validator(mode="after")
+    def _split(self) -> HybridConfig:
+        if self.random_fraction + self.keep_fraction > 1:
+            raise ValueError(
+                f"random_fraction {self.random_fraction} + keep_fraction {self.keep_fraction} exceeds 1"
+            )
+        return self
+
+
 class CheckpointConfig(Section):
     every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
     keep_last: int = Field(3, ge=1)
@@ -182,6 +210,8 @@ class Recipe(Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig(max_steps=400)
+    objective: Literal["causal", "masked_next_token", "hybrid"] = "causal"
+    hybrid: HybridConfig = HybridConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
 

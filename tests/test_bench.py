@@ -41,14 +41,14 @@ def test_chunked_loss_and_gradients_equal_plain_fp32(chunk_rows):
     _, targets = batch()
     plain = F.cross_entropy((hidden @ weight.T).view(-1, VOCAB), targets.view(-1), ignore_index=-100)
     plain_grads = torch.autograd.grad(plain * 0.5, (hidden, weight))
-    chunked = chunked_lm_loss(hidden, weight, targets, chunk_rows)
+    chunked = chunked_lm_loss(hidden, weight, targets, chunk_rows=chunk_rows)
     chunked_grads = torch.autograd.grad(chunked * 0.5, (hidden, weight))  # backward scales by 0.5
     torch.testing.assert_close(chunked, plain, rtol=0, atol=1e-5)
     for a, b in zip(chunked_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     with torch.no_grad():  # the evaluation path computes no gradients
         torch.testing.assert_close(
-            chunked_lm_loss(hidden, weight, targets, chunk_rows), plain, rtol=0, atol=1e-5
+            chunked_lm_loss(hidden, weight, targets, chunk_rows=chunk_rows), plain, rtol=0, atol=1e-5
         )
 
 

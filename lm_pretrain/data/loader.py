@@ -96,12 +96,15 @@ def split_inputs_targets(rows: torch.Tensor, bos_token_id: int) -> tuple[torch.T
     return inputs, targets
 
 
-def document_masks(inputs: torch.Tensor, bos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def document_masks(
+    inputs: torch.Tensor, bos_token_id: int, bidirectional: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Position ids and attention mask that keep packed documents apart (data.packing: document).
 
     Every BOS starts a document: positions restart there, and a token attends only to earlier
     tokens of its own document (a block-diagonal causal mask, True = may attend, [B, 1, T, T]).
-    The partial document a window starts inside counts as one document from position 0.
+    The partial document a window starts inside counts as one document from position 0. Rows
+    flagged in `bidirectional` ([B] bool, masked next-token rows) see their whole document.
     """
     starts = inputs == bos_token_id
     doc = torch.cumsum(starts.long(), dim=1)
@@ -109,9 +112,17 @@ def document_masks(inputs: torch.Tensor, bos_token_id: int) -> tuple[torch.Tenso
     # the index of each token's document start: a running maximum of the start positions
     start_index = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
     positions = index - start_index
-    causal = torch.ones(inputs.shape[1], inputs.shape[1], dtype=torch.bool, device=inputs.device).tril()
     same_doc = doc.unsqueeze(2) == doc.unsqueeze(1)
-    return positions, (same_doc & causal).unsqueeze(1)
+    return positions, (same_doc & causal_mask(inputs, bidirectional)).unsqueeze(1)
+
+
+def causal_mask(inputs: torch.Tensor, bidirectional: torch.Tensor | None) -> torch.Tensor:
+    """[T, T] lower-triangular mask, or [B, T, T] with the flagged rows all True."""
+    T = inputs.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=inputs.device).tril()
+    if bidirectional is None:
+        return causal
+    return causal | bidirectional.to(inputs.device)[:, None, None]
 
 
 def validation_batches(

@@ -38,6 +38,9 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # how the model was trained; masked_next_token and hybrid models also export a bidirectional
+    # AutoModelForMaskedLM class (export.py), the decoder itself runs whatever mask it is given
+    objective: str = "causal"
 
     def __post_init__(self) -> None:
         # recipes are validated in recipe.py; this guards direct construction
@@ -59,6 +62,7 @@ class DecoderConfig:
         bos_token_id: int | None,
         eos_token_id: int | None,
         pad_token_id: int | None,
+        objective: str = "causal",
     ) -> DecoderConfig:
         """The recipe's model section plus what the tokenizer decides (vocabulary, special ids).
 
@@ -83,6 +87,7 @@ class DecoderConfig:
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
+            objective=objective,
         )
 
 
@@ -231,28 +236,39 @@ LOSS_CHUNK_ROWS = 1024
 
 
 def chunked_lm_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = LOSS_CHUNK_ROWS
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    loss_weights: torch.Tensor | None = None,
+    chunk_rows: int = LOSS_CHUNK_ROWS,
 ) -> torch.Tensor:
     """Mean cross-entropy of (hidden @ weight.T) against targets, positions holding -100 ignored.
 
     Equal to F.cross_entropy(lm_head(hidden).float(), targets) but computed over row chunks, so
     the full [B*T, vocab] logits never exist, neither in forward nor kept for backward. Under
     autocast the matmuls run in autocast's dtype, as lm_head would, and the softmax in fp32.
+    With loss_weights (shaped like targets, zero where ignored) the result is the weighted sum.
     """
     h = hidden.reshape(-1, hidden.size(-1))
     t = targets.reshape(-1)
+    valid = t != IGNORE_INDEX
+    if loss_weights is None:
+        w, denominator = valid.float(), valid.sum()
+    else:
+        w, denominator = loss_weights.reshape(-1).float(), torch.ones((), device=h.device)
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _ChunkedLMLoss.apply(h, weight, t, dtype, chunk_rows)
+        return _ChunkedLMLoss.apply(h, weight, t, w, denominator, dtype, chunk_rows)
     with torch.autocast(device, enabled=False):
         hc, wc = h.to(dtype), weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
             logits = (hc[rows] @ wc.T).float()
-            total += F.cross_entropy(logits, t[rows], ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (t != IGNORE_INDEX).sum()
+            losses = F.cross_entropy(logits, t[rows], ignore_index=IGNORE_INDEX, reduction="none")
+            total += (losses * w[rows]).sum()
+    return total / denominator
 
 
 class _ChunkedLMLoss(torch.autograd.Function):
@@ -261,11 +277,11 @@ class _ChunkedLMLoss(torch.autograd.Function):
     for it and none are recomputed."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, dtype, chunk_rows):  # noqa: ANN001, ANN205
+    def forward(ctx, h, weight, targets, w, denominator, dtype, chunk_rows):  # noqa: ANN001, ANN205
         with torch.autocast(h.device.type, enabled=False):
             hc, wc = h.to(dtype), weight.to(dtype)
-            valid = targets != IGNORE_INDEX
-            safe = torch.where(valid, targets, 0)  # ignored rows pick column 0, masked out below
+            w = w * (targets != IGNORE_INDEX)
+            safe = torch.where(targets != IGNORE_INDEX, targets, 0)  # ignored rows: column 0, weight 0
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(hc)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -274,25 +290,24 @@ class _ChunkedLMLoss(torch.autograd.Function):
                 logits = (hc[rows] @ wc.T).float()
                 lse = torch.logsumexp(logits, dim=-1)
                 target_logit = logits.gather(1, safe[rows, None]).squeeze(1)
-                total += ((lse - target_logit) * valid[rows]).sum()
-                # d(summed loss)/d(logits) = softmax - one_hot(target), zero on ignored rows;
-                # built in place in the logits' buffer
+                total += ((lse - target_logit) * w[rows]).sum()
+                # d(summed loss)/d(logits) = w * (softmax - one_hot(target)), zero on ignored
+                # rows; built in place in the logits' buffer
                 grad = logits.sub_(lse[:, None]).exp_()
                 grad.scatter_add_(1, safe[rows, None], torch.full_like(target_logit[:, None], -1.0))
-                grad = grad.mul_(valid[rows, None]).to(dtype)
+                grad = grad.mul_(w[rows, None]).to(dtype)
                 grad_h[rows] = grad @ wc
                 grad_w += (grad.T @ hc[rows]).float()
-            count = valid.sum()
-        ctx.save_for_backward(grad_h, grad_w, count)
+        ctx.save_for_backward(grad_h, grad_w, denominator)
         ctx.dtypes = (h.dtype, weight.dtype)
-        return total / count
+        return total / denominator
 
     @staticmethod
     def backward(ctx, grad_loss):  # noqa: ANN001, ANN205
-        grad_h, grad_w, count = ctx.saved_tensors
-        scale = grad_loss / count
+        grad_h, grad_w, denominator = ctx.saved_tensors
+        scale = grad_loss / denominator
         h_dtype, w_dtype = ctx.dtypes
-        return (grad_h * scale).to(h_dtype), (grad_w * scale).to(w_dtype), None, None, None
+        return (grad_h * scale).to(h_dtype), (grad_w * scale).to(w_dtype), None, None, None, None, None
 
 
 class Decoder(nn.Module):
@@ -334,6 +349,7 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         return_logits: bool = True,
+        loss_weights: torch.Tensor | None = None,
     ) -> DecoderOutput:
         """Logits [B, T, vocab] and, given targets, the mean next-token loss.
 
@@ -342,6 +358,7 @@ class Decoder(nn.Module):
         attn_mask (bool, True = may attend, broadcastable to [B, 1, T, T]) replaces the causal mask.
         With targets and return_logits=False, logits is None and the loss comes from
         chunked_lm_loss: the same value, faster, and without the full logits in memory.
+        loss_weights (float, shaped like targets) turn the mean into a weighted sum over targets.
         """
         T = input_ids.shape[1]
         if position_ids is None:
@@ -360,12 +377,17 @@ class Decoder(nn.Module):
 
         if targets is not None and not return_logits:
             # the training path: the loss without ever holding [B*T, vocab] logits
-            return DecoderOutput(logits=None, loss=chunked_lm_loss(hidden, self.lm_head.weight, targets))
+            loss = chunked_lm_loss(hidden, self.lm_head.weight, targets, loss_weights)
+            return DecoderOutput(logits=None, loss=loss)
         logits = self.lm_head(hidden)
         loss = None
         if targets is not None:
             # fp32 for the softmax: bf16 logits lose too much precision over a large vocabulary
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            losses = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="none" if loss_weights is not None else "mean",
             )
+            loss = losses if loss_weights is None else (losses * loss_weights.reshape(-1)).sum()
         return DecoderOutput(logits=logits, loss=loss)

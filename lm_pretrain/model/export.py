@@ -1,7 +1,8 @@
 """Model folders that transformers loads as LlamaForCausalLM, and lmp reads back.
 
 A folder holds config.json and model.safetensors (tokenizer files are written beside them by
-the tokenizer code). The config is written by hand with the flat keys (rope_theta, rope_scaling,
+the tokenizer code). A model trained with masked next-token prediction (objective hybrid or
+masked_next_token) also gets modeling_lmp.py, registered for AutoModelForMaskedLM. The config is written by hand with the flat keys (rope_theta, rope_scaling,
 ...) that both transformers 4.x and 5.x read: the BabyLM evaluation pipeline pins transformers
 4.51.3, which cannot read the rope_parameters block that 5.x's save_pretrained writes.
 """
@@ -9,6 +10,7 @@ the tokenizer code). The config is written by hand with the flat keys (rope_thet
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +22,8 @@ from lm_pretrain.model.decoder import Decoder, DecoderConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+MODELING_FILE = "modeling_lmp.py"
+MASKED_LM_CLASS = "LmpForMaskedNextToken"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -27,7 +31,7 @@ def hf_config_dict(cfg: DecoderConfig, dtype: str = "float32") -> dict:
     """config.json for LlamaForCausalLM, readable by transformers 4.51 and 5.x alike."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    return {
+    config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": cfg.vocab_size,
@@ -53,6 +57,12 @@ def hf_config_dict(cfg: DecoderConfig, dtype: str = "float32") -> dict:
         "torch_dtype": dtype,
         "use_cache": True,
     }
+    if cfg.objective != "causal":
+        config["lmp_objective"] = cfg.objective
+        config["auto_map"] = {
+            "AutoModelForMaskedLM": f"{MODELING_FILE.removesuffix('.py')}.{MASKED_LM_CLASS}"
+        }
+    return config
 
 
 def save_model(model: Decoder, out_dir: Path, dtype: torch.dtype = torch.float32) -> None:
@@ -71,6 +81,8 @@ def save_model(model: Decoder, out_dir: Path, dtype: torch.dtype = torch.float32
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     # transformers refuses safetensors files whose metadata does not say which framework wrote them
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    if model.config.objective != "causal":
+        shutil.copyfile(Path(__file__).with_name("hf_masked_next_token.py"), out_dir / MODELING_FILE)
 
 
 def decoder_config_from_hf(d: dict) -> DecoderConfig:
@@ -118,6 +130,7 @@ def decoder_config_from_hf(d: dict) -> DecoderConfig:
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=eos,
         pad_token_id=d.get("pad_token_id"),
+        objective=d.get("lmp_objective", "causal"),
     )
 
 

@@ -23,7 +23,14 @@ from accelerate.utils import gather_object, set_seed
 from rich.console import Console
 
 from lm_pretrain.average import WeightAverager
-from lm_pretrain.data.loader import IGNORE_INDEX, PackedWindows, document_masks, validation_batches
+from lm_pretrain.data.loader import (
+    IGNORE_INDEX,
+    PackedWindows,
+    causal_mask,
+    document_masks,
+    validation_batches,
+)
+from lm_pretrain.data.masking import VALIDATION_SAMPLES, MntpMasker, objective_weights
 from lm_pretrain.data.prepare import prepare_data
 from lm_pretrain.data.tokenizer import save_hf_tokenizer, special_token_ids
 from lm_pretrain.errors import LmpError
@@ -48,7 +55,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 AVERAGE_FILE = "average.pt"
 SCALER_FILE = "scaler.pt"
 # recipe sections that must match to resume a run folder (training lengths may change)
-_RESUME_MUST_MATCH = ("seed", "data", "tokenizer", "model")
+_RESUME_MUST_MATCH = ("seed", "data", "tokenizer", "model", "objective", "hybrid")
 
 
 @dataclass
@@ -150,28 +157,42 @@ def total_steps(recipe: Recipe, words_per_token: float | None = None) -> int:
 
 
 def forward_loss(
-    model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, bos_token_id: int | None
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    bos_token_id: int | None,
+    bidirectional: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The model's loss on a batch; with a BOS id, packed documents are kept apart."""
+    """The model's loss on a batch; with a BOS id, packed documents are kept apart. Rows flagged
+    in `bidirectional` (masked next-token rows) attend both ways, each objective weighted by its
+    share of rows."""
+    weights = None if bidirectional is None else objective_weights(targets, bidirectional)
+    positions = mask = None
+    if bos_token_id is not None:
+        positions, mask = document_masks(inputs, bos_token_id, bidirectional)
+    elif bidirectional is not None:
+        mask = causal_mask(inputs, bidirectional).unsqueeze(1)
     # return_logits=False: the chunked loss, which never holds full-vocabulary logits
-    if bos_token_id is None:
-        return model(inputs, targets, return_logits=False).loss
-    positions, mask = document_masks(inputs, bos_token_id)
-    return model(inputs, targets, position_ids=positions, attn_mask=mask, return_logits=False).loss
+    out = model(
+        inputs, targets, position_ids=positions, attn_mask=mask, return_logits=False, loss_weights=weights
+    )
+    return out.loss
 
 
 @torch.no_grad()
 def validation_loss(
     model: torch.nn.Module, batches: list, accelerator: Accelerator, document_bos: int | None = None
 ) -> float:
-    """Mean next-token cross-entropy (nats) over the fixed validation windows."""
+    """Mean cross-entropy (nats) over the fixed validation windows: (inputs, targets) batches are
+    scored causally, (inputs, targets, bidirectional rows) ones as masked next-token rows."""
     model.eval()
     loss_sum = torch.zeros((), device=accelerator.device)
     count = torch.zeros((), device=accelerator.device)
-    for inputs, targets in batches:
+    for inputs, targets, *bidirectional in batches:
         inputs, targets = inputs.to(accelerator.device), targets.to(accelerator.device)
+        rows = bidirectional[0].to(accelerator.device) if bidirectional else None
         with accelerator.autocast():
-            loss = forward_loss(model, inputs, targets, document_bos)
+            loss = forward_loss(model, inputs, targets, document_bos, rows)
         n = (targets != IGNORE_INDEX).sum()
         loss_sum += loss.float() * n
         count += n
@@ -314,6 +335,7 @@ def _train(
             bos_token_id=ids["bos"],
             eos_token_id=ids["eos"],
             pad_token_id=ids["pad"],
+            objective=recipe.objective,
         )
     )
     optimizer = build_optimizer(model, recipe.optim)
@@ -362,6 +384,17 @@ def _train(
         meta_until = round((1 - recipe.data.metadata.cooldown_fraction) * steps) * tokens_per_step
     document_bos = ids["bos"] if recipe.data.packing == "document" else None
     val_batches = validation_batches(data.val.tokens, seq_len, cfg.eval_tokens, micro, ids["bos"])
+    masker, val_mntp_batches = None, []
+    if recipe.objective != "causal":
+        masker = MntpMasker(
+            recipe.hybrid, recipe.objective, recipe.seed, ids.values(), ids["mask"], core.config.vocab_size
+        )
+        # the masked validation loss: every row masked at the final rate, the same draw every time
+        for b, (inputs, targets) in enumerate(val_batches):
+            rows = torch.ones(len(inputs), dtype=torch.bool)
+            samples = range(VALIDATION_SAMPLES + b * micro, VALIDATION_SAMPLES + (b + 1) * micro)
+            masked = masker.mask_rows(inputs, targets, rows, samples, recipe.hybrid.mask_rate_end)
+            val_mntp_batches.append((*masked, rows))
     sink = MetricsSink(run_dir, recipe, enabled=is_main)
     if is_main:
         n_params = core.num_parameters()
@@ -420,11 +453,17 @@ def _train(
             step_loss = torch.zeros((), device=accelerator.device)
             for i in range(accum):
                 inputs, targets = source.batch(first + i * micro, micro)
+                bidirectional = None
+                if masker is not None:
+                    inputs, targets, bidirectional = masker.batch(
+                        inputs, targets, first + i * micro, step / main_steps
+                    )
+                    bidirectional = bidirectional.to(accelerator.device)
                 inputs, targets = inputs.to(accelerator.device), targets.to(accelerator.device)
                 # only the last micro-batch all-reduces gradients across processes
                 sync = accelerator.no_sync(model) if i < accum - 1 else nullcontext()
                 with sync:
-                    loss = forward_loss(model, inputs, targets, document_bos) / accum
+                    loss = forward_loss(model, inputs, targets, document_bos, bidirectional) / accum
                     accelerator.backward(loss)
                 step_loss += loss.detach()
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip or math.inf)
@@ -480,6 +519,11 @@ def _train(
                     "val_loss": state["val_loss"],
                 }
                 message = f"step {step}: validation loss {state['val_loss']:.4f}"
+                if val_mntp_batches:
+                    record["val_mntp_loss"] = validation_loss(
+                        model, val_mntp_batches, accelerator, document_bos
+                    )
+                    message += f", masked next-token {record['val_mntp_loss']:.4f}"
                 if averager is not None and averager.ready:
                     with averager.applied(core):
                         record["val_loss_avg"] = validation_loss(
