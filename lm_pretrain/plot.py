@@ -22,11 +22,12 @@ from lm_pretrain.errors import LmpError
 from lm_pretrain.runs import EVAL_PREFIX, Run, load_run, run_state
 
 X_KEYS = {"steps": "step", "tokens": "tokens", "words": "words"}
-DEFAULT_METRICS = ("loss", "val_loss", "lr")
+DEFAULT_METRICS = ("loss", "val_loss", "val_mntp_loss", "lr")  # each drawn when logged
 PROGRESS_FILE = "progress.png"
 _TITLES = {
     "loss": "train loss",
     "val_loss": "validation loss",
+    "val_mntp_loss": "validation loss, masked next-token",
     "lr": "learning rate",
     "tokens_per_s": "tokens / s",
 }
@@ -238,7 +239,7 @@ def plot_runs(
         if metric == "lr" and drawn:
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
             ax.set_ylim(bottom=0)  # warmup and decay read best against zero
-        if metric in ("loss", "val_loss") and drawn:
+        if metric in ("loss", "val_loss", "val_mntp_loss") and drawn:
             top = _loss_top(drawn)
             if top is not None:
                 ax.set_ylim(top=top)

@@ -217,7 +217,7 @@ def test_causal_export_has_no_masked_lm_class(tmp_path):
 @pytest.mark.slow
 def test_hybrid_run_trains_both_objectives_and_scores_with_both_backends(bible_corpus, tmp_path):
     run = tmp_path / "run"
-    args = tiny_run_args(bible_corpus, tmp_path / "cache", 40, objective="hybrid")
+    args = tiny_run_args(bible_corpus, tmp_path / "cache", 40, objective="hybrid", **{"train.probe_items": 5})
     result = CliRunner().invoke(app, ["train", *args, "--out", str(run)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "masked next-token" in result.output
@@ -226,6 +226,8 @@ def test_hybrid_run_trains_both_objectives_and_scores_with_both_backends(bible_c
     mntp = [r["val_mntp_loss"] for r in records if "val_mntp_loss" in r]
     causal = [r["val_loss"] for r in records if "val_mntp_loss" in r]
     assert len(mntp) == 2 and mntp[-1] < first - 1.0 and causal[-1] < first - 1.0, (first, mntp, causal)
+    probes = [r for r in records if "eval/probe_mntp" in r]  # the probe runs with both backends
+    assert len(probes) == 2 and all(0 <= r["eval/probe_mntp"] <= 100 and "eval/probe" in r for r in probes)
     assert (run / "final" / MODELING_FILE).is_file()
     assert (run / "checkpoints" / "step-40" / MODELING_FILE).is_file()  # checkpoints load the same way
 

@@ -129,29 +129,39 @@ def evaluate(
 
 
 class _DecoderAsHF(torch.nn.Module):
-    """An lmp Decoder seen through the calls scoring makes of a transformers model."""
+    """An lmp Decoder seen through the calls scoring makes of a transformers model; bidirectional
+    as the masked next-token export (modeling_lmp.py) runs it."""
 
-    def __init__(self, decoder: torch.nn.Module) -> None:
+    def __init__(self, decoder: torch.nn.Module, bidirectional: bool) -> None:
         super().__init__()
         self.decoder = decoder
+        self.bidirectional = bidirectional
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple:
-        return self.decoder(input_ids)  # rows are unpadded, so the mask is all ones
+        # rows are unpadded, so the padding mask is all ones
+        T = input_ids.shape[1]
+        full = (
+            torch.ones(1, 1, T, T, dtype=torch.bool, device=input_ids.device) if self.bidirectional else None
+        )
+        return self.decoder(input_ids, attn_mask=full)
 
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.decoder.lm_head
 
 
 @torch.no_grad()
-def probe_during_training(decoder: torch.nn.Module, tokenizer_dir: Path, per_phenomenon: int) -> float:
+def probe_during_training(
+    decoder: torch.nn.Module, tokenizer_dir: Path, per_phenomenon: int, backend: str = "causal"
+) -> float:
     """The grammar probe's mean accuracy (%) for a model being trained, scored exactly as
-    `lmp eval --tasks probe` scores its export (fp32, causal backend, seed 0)."""
+    `lmp eval --tasks probe --backend <causal|mntp>` scores its export (fp32, seed 0)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, padding_side="right", local_files_only=True)
     device = next(decoder.parameters()).device
     was_training = decoder.training
-    sm = ScoringModel(_DecoderAsHF(decoder).eval(), tokenizer, "causal", tokenizer_dir, device)
+    model = _DecoderAsHF(decoder, bidirectional=backend == "mntp").eval()
+    sm = ScoringModel(model, tokenizer, backend, tokenizer_dir, device)
     items = probe_items(0, per_phenomenon)
     sentences = [s for item in items for s in item.sentences]
     completions = [c for item in items for c in item.completions]

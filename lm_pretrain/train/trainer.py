@@ -535,6 +535,11 @@ def _train(
 
                     record["eval/probe"] = probe_during_training(core, tokenizer_dir, cfg.probe_items)
                     message += f", grammar probe {record['eval/probe']:.1f}%"
+                    if masker is not None:
+                        record["eval/probe_mntp"] = probe_during_training(
+                            core, tokenizer_dir, cfg.probe_items, backend="mntp"
+                        )
+                        message += f" (mntp {record['eval/probe_mntp']:.1f}%)"
                 progress.print(message)
             if record is not None:
                 sink.log(record)
