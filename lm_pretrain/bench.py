@@ -6,7 +6,7 @@ the identical config and starting weights, on the same random token batches, wit
 and fused AdamW for all. Steps are interleaved (transformers, lmp, lmp compiled, transformers, ...)
 so a noisy shared machine slows every model alike, and per-phase medians are reported:
 
-- data: waiting for the next batch from the background loader thread (PackedWindows, as training);
+- data: waiting for the next batch from the background worker (train_loader, as training);
 - forward / backward / optimizer (gradient clipping, fused AdamW step, zero_grad);
 - tokens/s from the median step, MFU = achieved model FLOP/s over the best bf16 matmul rate measured
   (model FLOPs per token: 6 x matmul parameters + 12 x layers x hidden x seq, the PaLM convention);
@@ -27,14 +27,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import queue
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lm_pretrain.data.loader import PackedWindows
+from lm_pretrain.data.loader import PackedWindows, TrainBatches, train_loader
 from lm_pretrain.model.decoder import Decoder, DecoderConfig, default_intermediate_size
 from lm_pretrain.model.export import hf_config_dict
 from lm_pretrain.recipe import OptimConfig
@@ -252,41 +251,37 @@ class Trainee:
 
 
 class BackgroundBatches:
-    """Packed windows of a random token stream, made by a worker thread ahead of the step."""
+    """Packed windows of a random token stream, served exactly as training serves its batches:
+    TrainBatches prepared ahead in train_loader's background worker process."""
 
-    def __init__(self, shape: Shape, device: torch.device, seed: int = 0, ahead: int = 2) -> None:
+    def __init__(self, shape: Shape, device: torch.device, seed: int = 0) -> None:
         tokens = np.random.default_rng(seed).integers(0, shape.vocab, size=shape.seq * shape.batch * 64)
-        self.windows = PackedWindows(
+        windows = PackedWindows(
             tokens.astype(np.uint16 if shape.vocab < 65536 else np.int32), shape.seq, seed, 0
         )
-        self.batch = shape.batch
+        endless = 1 << 40
+        batches = TrainBatches(
+            windows,
+            micro=shape.batch,
+            accum=1,
+            batch_size=shape.batch,
+            rank=0,
+            seq_len=shape.seq,
+            start=(0, 0, 0),
+            last_step=endless,
+            main_steps=endless,
+        )
+        self.loader: Iterator | None = train_loader(
+            batches, background=True, pin_memory=device.type == "cuda"
+        )
         self.device = device
-        self.queue: queue.Queue = queue.Queue(maxsize=ahead)
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._work, daemon=True)
-        self.thread.start()
-
-    def _work(self) -> None:
-        sample = 0
-        while not self.stopped.is_set():
-            inputs, targets = self.windows.batch(sample, self.batch)
-            if self.device.type == "cuda":
-                inputs, targets = inputs.pin_memory(), targets.pin_memory()
-            sample += self.batch
-            while not self.stopped.is_set():
-                try:
-                    self.queue.put((inputs, targets), timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = self.queue.get()
+        inputs, targets = next(self.loader)
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
     def close(self) -> None:
-        self.stopped.set()
-        self.thread.join()
+        self.loader = None  # the last reference: the worker process shuts down
 
 
 # ---------------------------------------------------------------- memory

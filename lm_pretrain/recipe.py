@@ -142,6 +142,7 @@ class TrainConfig(Section):
     eval_every: int = Field(100, ge=1)
     eval_tokens: int = Field(65536, ge=1, description="validation tokens scored at each evaluation")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default all cores")
+    data_worker: bool = Field(True, description="prepare batches in a background process; false: in the loop")
     average: AverageConfig | None = None
     probe_items: int = Field(
         0, ge=0, description="grammar-probe pairs per phenomenon scored at each validation (eval/probe)"

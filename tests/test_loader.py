@@ -80,3 +80,34 @@ def test_document_packing_isolates_documents():
     # without document masking the previous document leaks in
     leak = (model(a).logits[0, -len(second) :] - model(b).logits[0, -len(second) :]).abs().max()
     assert leak > 1e-3
+
+
+def test_background_worker_serves_the_batches_of_the_loop_in_order(tmp_path):
+    import pickle
+
+    from lm_pretrain.data.loader import TrainBatches, train_loader
+
+    path = tmp_path / "tokens.bin"
+    stream(5000).tofile(path)
+    tokens = np.memmap(path, dtype=np.uint16, mode="r", shape=(5000,))
+    windows = PackedWindows(tokens, 16, seed=3, bos_token_id=1)
+    # a worker started by spawn receives the windows pickled: the token file is reopened, not copied
+    copy = pickle.loads(pickle.dumps(windows))
+    assert isinstance(copy.tokens, np.memmap) and len(pickle.dumps(windows)) < 2000
+    assert torch.equal(copy.batch(7, 4)[0], windows.batch(7, 4)[0])
+
+    def batches(rank: int, start: tuple[int, int, int]) -> TrainBatches:
+        return TrainBatches(windows, micro=2, accum=3, batch_size=12, rank=rank, seq_len=16, start=start,
+                            last_step=8, main_steps=8)  # fmt: skip
+
+    inline = list(train_loader(batches(1, (0, 0, 0)), background=False, pin_memory=False))
+    worker = list(train_loader(batches(1, (0, 0, 0)), background=True, pin_memory=False))
+    assert len(inline) == len(worker) == 8 * 3
+    assert all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(inline, worker, strict=True)
+    )
+    # rank 1's micro-batch i of step s holds global samples 12 s + 6 + 2 i, 12 s + 6 + 2 i + 1
+    assert torch.equal(inline[3 * 5 + 2][0], windows.batch(12 * 5 + 6 + 4, 2)[0])
+    # resuming at step 5 (60 samples done) continues with exactly the same batches
+    resumed = list(train_loader(batches(1, (5, 60, 960)), background=True, pin_memory=False))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed, inline[15:], strict=True))

@@ -46,7 +46,10 @@ def last_step(run: Path) -> int:
 
 
 def start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # its own process group: a signal can go to the trainer and its data worker at once, as SLURM's do
+    return subprocess.Popen(
+        cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def wait_until(proc: subprocess.Popen, condition, timeout: float = 120) -> None:
@@ -113,7 +116,7 @@ def test_stop_signal_saves_and_exits_75_then_resumes(bible_corpus, reference, si
     cmd = train_cmd(bible_corpus, cache, run)
     proc = start(cmd)
     wait_until(proc, lambda: last_step(run) >= 12)
-    proc.send_signal(signum)
+    os.killpg(proc.pid, signum)  # the whole job, data worker included
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == EXIT_STOPPED, output
     status = json.loads((run / "status.json").read_text())

@@ -5,14 +5,24 @@ windows of seq_len + 1 tokens, starting at a per-epoch random offset so that win
 boundaries move between epochs, and visits them in a per-epoch random order. Sample g of the
 run is therefore a pure function of (seed, g): resuming needs only the count of samples
 consumed, never a replay of earlier batches.
+
+TrainBatches lays out one process's micro-batches step after step; train_loader runs it in a
+background worker process, so batches (and masking) are ready before the step asks for them.
 """
 
 from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from lm_pretrain.errors import LmpError
+
+if TYPE_CHECKING:
+    from lm_pretrain.data.masking import MntpMasker
 
 IGNORE_INDEX = -100
 
@@ -82,6 +92,101 @@ class PackedWindows:
 
     def epoch_of(self, samples_done: int) -> float:
         return samples_done / self.windows_per_epoch
+
+    def __getstate__(self) -> dict:
+        # a worker started by spawn / forkserver reopens the token file instead of receiving a copy
+        state = dict(self.__dict__)
+        if isinstance(self.tokens, np.memmap):
+            t = self.tokens
+            state["tokens"] = ("memmap", t.filename, t.dtype.str, t.shape, t.offset)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["tokens"], tuple):
+            _, filename, dtype, shape, offset = state["tokens"]
+            state["tokens"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", shape=shape, offset=offset)
+        self.__dict__.update(state)
+
+
+class TrainBatches(torch.utils.data.IterableDataset):
+    """One process's micro-batches, in training order, from a resume point to the last step.
+
+    Step s uses global samples samples_done + [rank x micro x accum, (rank + 1) x micro x accum): the
+    same split of the global batch as DDP. Before `meta_until` tokens the metadata-prefixed windows
+    are used (MeCo); with a masker, rows become masked next-token rows. Items are
+    (inputs, targets) or (inputs, targets, bidirectional rows).
+    """
+
+    def __init__(
+        self,
+        windows: PackedWindows,
+        *,
+        micro: int,
+        accum: int,
+        batch_size: int,
+        rank: int,
+        seq_len: int,
+        start: tuple[int, int, int],
+        last_step: int,
+        main_steps: int,
+        meta_windows: PackedWindows | None = None,
+        meta_until: int = 0,
+        masker: MntpMasker | None = None,
+    ) -> None:
+        self.windows, self.meta_windows, self.meta_until = windows, meta_windows, meta_until
+        self.micro, self.accum, self.batch_size, self.rank, self.seq_len = (
+            micro,
+            accum,
+            batch_size,
+            rank,
+            seq_len,
+        )
+        self.start, self.last_step, self.main_steps = (
+            start,
+            last_step,
+            main_steps,
+        )  # start: step, samples, tokens
+        self.masker = masker
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        step, samples, tokens = self.start
+        while step < self.last_step:
+            source = self.meta_windows if tokens < self.meta_until else self.windows
+            first = samples + self.rank * self.micro * self.accum
+            for i in range(self.accum):
+                inputs, targets = source.batch(first + i * self.micro, self.micro)
+                if self.masker is None:
+                    yield inputs, targets
+                else:
+                    yield self.masker.batch(inputs, targets, first + i * self.micro, step / self.main_steps)
+            step, samples, tokens = (
+                step + 1,
+                samples + self.batch_size,
+                tokens + self.batch_size * self.seq_len,
+            )
+
+
+def train_loader(
+    batches: TrainBatches, background: bool, pin_memory: bool
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The batches, prepared by one worker process ahead of the training loop (or in the loop)."""
+    if not background:
+        return iter(batches)
+    loader = torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,  # items are whole micro-batches already
+        num_workers=1,  # one: every worker of an iterable dataset would yield the whole stream
+        prefetch_factor=min(64, 2 * batches.accum),  # two optimizer steps ahead
+        pin_memory=pin_memory,
+        worker_init_fn=_ignore_stop_signals,
+    )
+    return iter(loader)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # SLURM signals every process of a job step: the worker must outlive the trainer's final save
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def split_inputs_targets(rows: torch.Tensor, bos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -73,6 +73,9 @@ class MntpMasker:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of inputs and targets in which each row flagged in `rows` is an MNTP row."""
         inputs, targets = inputs.clone(), targets.clone()
+        samples = list(samples)
+        if len(samples) != len(inputs):
+            raise ValueError(f"{len(samples)} sample numbers for {len(inputs)} rows")
         for b, sample in enumerate(samples):
             if rows[b]:
                 x, y = self._mask_row(inputs[b].numpy(), targets[b].numpy(), sample, rate)

@@ -26,8 +26,10 @@ from lm_pretrain.average import WeightAverager
 from lm_pretrain.data.loader import (
     IGNORE_INDEX,
     PackedWindows,
+    TrainBatches,
     causal_mask,
     document_masks,
+    train_loader,
     validation_batches,
 )
 from lm_pretrain.data.masking import VALIDATION_SAMPLES, MntpMasker, objective_weights
@@ -392,7 +394,8 @@ def _train(
         # the masked validation loss: every row masked at the final rate, the same draw every time
         for b, (inputs, targets) in enumerate(val_batches):
             rows = torch.ones(len(inputs), dtype=torch.bool)
-            samples = range(VALIDATION_SAMPLES + b * micro, VALIDATION_SAMPLES + (b + 1) * micro)
+            first = VALIDATION_SAMPLES + b * micro
+            samples = range(first, first + len(inputs))
             masked = masker.mask_rows(inputs, targets, rows, samples, recipe.hybrid.mask_rate_end)
             val_mntp_batches.append((*masked, rows))
     sink = MetricsSink(run_dir, recipe, enabled=is_main)
@@ -437,6 +440,22 @@ def _train(
         sink.log({"step": 0, "tokens": 0, "val_loss": state["val_loss"]})
 
     step = state["step"]
+    batches = TrainBatches(
+        windows,
+        micro=micro,
+        accum=accum,
+        batch_size=cfg.batch_size,
+        rank=accelerator.process_index,
+        seq_len=seq_len,
+        start=(step, state["samples"], state["tokens"]),
+        last_step=steps,
+        main_steps=main_steps,
+        meta_windows=meta_windows,
+        meta_until=meta_until,
+        masker=masker,
+    )
+    loader = train_loader(batches, cfg.data_worker, pin_memory=accelerator.device.type == "cuda")
+    data_wait = 0.0  # seconds the loop waited for batches in this log interval
     pending_milestones = [m for m in milestone_words() if m > state["words"]]
     started = time.perf_counter() - state["seconds"]
     interval_start, interval_tokens = time.perf_counter(), 0
@@ -446,20 +465,14 @@ def _train(
     model.train()
     with TrainProgress(console, steps, step, enabled=is_main) as progress:
         while step < steps:
-            first = state["samples"] + accelerator.process_index * micro * accum
-            source = meta_windows if state["tokens"] < meta_until else windows
             if meta_windows is not None and state["tokens"] == meta_until:
                 progress.print(f"step {step}: metadata cooldown begins, documents without their prefixes")
             step_loss = torch.zeros((), device=accelerator.device)
             for i in range(accum):
-                inputs, targets = source.batch(first + i * micro, micro)
-                bidirectional = None
-                if masker is not None:
-                    inputs, targets, bidirectional = masker.batch(
-                        inputs, targets, first + i * micro, step / main_steps
-                    )
-                    bidirectional = bidirectional.to(accelerator.device)
-                inputs, targets = inputs.to(accelerator.device), targets.to(accelerator.device)
+                waited = time.perf_counter()
+                inputs, targets, *rows = (t.to(accelerator.device, non_blocking=True) for t in next(loader))
+                data_wait += time.perf_counter() - waited
+                bidirectional = rows[0] if rows else None
                 # only the last micro-batch all-reduces gradients across processes
                 sync = accelerator.no_sync(model) if i < accum - 1 else nullcontext()
                 with sync:
@@ -508,7 +521,10 @@ def _train(
                     "loss": mean_loss,
                     "lr": lr,
                     "tokens_per_s": interval_tokens / (now - interval_start),
+                    # share of the interval spent waiting for batches: near 0 when the worker keeps up
+                    "data_share": data_wait / (now - interval_start),
                 }
+                data_wait = 0.0
                 loss_acc.zero_()
                 steps_acc = 0
                 interval_start, interval_tokens = now, 0
