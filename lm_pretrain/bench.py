@@ -11,7 +11,8 @@ so a noisy shared machine slows every model alike, and per-phase medians are rep
 - tokens/s from the median step, MFU = achieved model FLOP/s over the best bf16 matmul rate measured
   (model FLOPs per token: 6 x matmul parameters + 12 x layers x hidden x seq, the PaLM convention);
 - peak memory of a training step (CPU: peak RSS above the built model, each model in its own
-  process; GPU: torch.cuda.max_memory_allocated), and for lmp's loss with and without chunking.
+  process; GPU: torch.cuda.max_memory_allocated), for lmp's loss with and without chunking, and
+  with activation checkpointing.
 
 lmp trains with `forward(..., return_logits=False)`, which takes the loss from chunked_lm_loss (no
 full-vocabulary fp32 logits). The loss is fetched once every LOSS_EVERY steps, never per step.
@@ -324,9 +325,14 @@ def _memory_child(shape: Shape, which: str) -> float:
     """
     device = torch.device("cpu")
     lmp, hf = build_models(shape, device)
-    model, loss_fn = {"hf": (hf, _hf_loss), "lmp": (lmp, _lmp_loss), "lmp-plain": (lmp, _lmp_plain_loss)}[
-        which
-    ]
+    choices = {
+        "hf": (hf, _hf_loss),
+        "lmp": (lmp, _lmp_loss),
+        "lmp-plain": (lmp, _lmp_plain_loss),
+        "lmp-checkpointed": (lmp, _lmp_loss),
+    }
+    model, loss_fn = choices[which]
+    lmp.activation_checkpointing = which == "lmp-checkpointed"
     del lmp, hf  # only the measured model stays alive
     trainee = Trainee(which, model, loss_fn, device)
     data = BackgroundBatches(shape, device)
@@ -506,7 +512,11 @@ def run_bench(
         by_name[HF].peak_memory_mb = step_memory_mb(shape, "hf")
         by_name[LMP].peak_memory_mb = step_memory_mb(shape, "lmp")
         plain = step_memory_mb(shape, "lmp-plain")
-        loss_memory = {"plain_loss": plain, "chunked_loss": by_name[LMP].peak_memory_mb}
+        loss_memory = {
+            "plain_loss": plain,
+            "chunked_loss": by_name[LMP].peak_memory_mb,
+            "activation_checkpointing": step_memory_mb(shape, "lmp-checkpointed"),
+        }
         if plain is not None and by_name[LMP].peak_memory_mb is not None:
             loss_memory["saving"] = plain - by_name[LMP].peak_memory_mb
     elif memory:
@@ -540,7 +550,14 @@ def _gpu_loss_memory(
 ) -> dict:
     """On a GPU the allocator counts exactly: one step of each, peak allocated above the start."""
     peaks = {}
-    for name, model, loss_fn in [(HF, hf, _hf_loss), (LMP, lmp, _lmp_loss), ("plain", lmp, _lmp_plain_loss)]:
+    runs = [
+        (HF, hf, _hf_loss),
+        (LMP, lmp, _lmp_loss),
+        ("plain", lmp, _lmp_plain_loss),
+        ("ckpt", lmp, _lmp_loss),
+    ]
+    for name, model, loss_fn in runs:
+        lmp.activation_checkpointing = name == "ckpt"
         trainee = Trainee(name, model, loss_fn, device)
         inputs = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device)
         targets = torch.roll(inputs, -1, 1)
@@ -548,8 +565,14 @@ def _gpu_loss_memory(
         start = torch.cuda.memory_allocated()
         trainee.step(inputs, targets, record=False)
         peaks[name] = (torch.cuda.max_memory_allocated() - start) / 2**20
+    lmp.activation_checkpointing = False
     by_name[HF].peak_memory_mb, by_name[LMP].peak_memory_mb = peaks[HF], peaks[LMP]
-    return {"plain_loss": peaks["plain"], "chunked_loss": peaks[LMP], "saving": peaks["plain"] - peaks[LMP]}
+    return {
+        "plain_loss": peaks["plain"],
+        "chunked_loss": peaks[LMP],
+        "saving": peaks["plain"] - peaks[LMP],
+        "activation_checkpointing": peaks["ckpt"],
+    }
 
 
 def _device_name(device: torch.device) -> str:
@@ -596,6 +619,11 @@ def result_lines(result: BenchResult) -> list[str]:
         lines.append(
             f"lmp step peak memory: plain loss {mem['plain_loss']:,.0f} MiB, chunked loss "
             f"{mem['chunked_loss']:,.0f} MiB (saves {mem['saving']:,.0f} MiB)"
+        )
+    if mem.get("activation_checkpointing") is not None and mem.get("chunked_loss") is not None:
+        lines.append(
+            f"with train.activation_checkpointing: {mem['activation_checkpointing']:,.0f} MiB "
+            f"(saves {mem['chunked_loss'] - mem['activation_checkpointing']:,.0f} MiB more)"
         )
     if result.prep:
         p = result.prep

@@ -138,6 +138,9 @@ class TrainConfig(Section):
     max_tokens: int | None = Field(None, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     compile: bool = False
+    activation_checkpointing: bool = Field(
+        False, description="recompute block activations in backward: far less memory, about 1/3 more compute"
+    )
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(100, ge=1)
     eval_tokens: int = Field(65536, ge=1, description="validation tokens scored at each evaluation")

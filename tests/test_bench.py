@@ -67,6 +67,21 @@ def test_model_without_logits_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(param.grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    ids, targets = batch()
+    model = tiny_model()
+    reference = model(ids, targets, return_logits=False).loss
+    reference.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing = True
+    recomputed = model(ids, targets, return_logits=False).loss
+    recomputed.backward()
+    assert torch.equal(recomputed, reference)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name], rtol=0, atol=0, msg=name)
+
+
 def test_model_without_logits_under_bf16_autocast():
     ids, targets = batch()
     model = tiny_model()
@@ -108,6 +123,7 @@ def test_bench_tiny_run(tmp_path):
     assert [m["name"] for m in saved["models"]] == [HF, LMP]
     assert saved["peak_gflops"]["bf16"] > 0
     assert "saving" in saved["loss_memory_mb"]
+    assert saved["loss_memory_mb"]["activation_checkpointing"] > 0
 
 
 def test_bench_cli(tmp_path):

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from lm_pretrain.recipe import ModelConfig
@@ -318,6 +319,9 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # train.activation_checkpointing: keep only each block's input for backward and recompute
+        # the rest there, trading about a third more compute for activation memory
+        self.activation_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -371,8 +375,12 @@ class Decoder(nn.Module):
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
 
         x = self.model.embed_tokens(input_ids)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.model.layers:
-            x = block(x, cos, sin, attn_mask)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attn_mask)
         hidden = self.model.norm(x)
 
         if targets is not None and not return_logits:

@@ -340,6 +340,7 @@ def _train(
             objective=recipe.objective,
         )
     )
+    model.activation_checkpointing = cfg.activation_checkpointing
     optimizer = build_optimizer(model, recipe.optim)
     averager = None
     if cfg.average is not None:
