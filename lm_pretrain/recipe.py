@@ -147,9 +147,6 @@ class TrainConfig(Section):
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default all cores")
     data_worker: bool = Field(True, description="prepare batches in a background process; false: in the loop")
     average: AverageConfig | None = None
-    probe_items: int = Field(
-        0, ge=0, description="grammar-probe pairs per phenomenon scored at each validation (eval/probe)"
-    )
     skip_nonfinite: int = Field(
         0, ge=0, description="steps with a non-finite loss or gradient to skip before stopping"
     )
@@ -194,6 +191,29 @@ class HybridConfig(Section):
         return self
 
 
+class EvalConfig(Section):
+    """Zero-shot scores of the model being trained, logged to metrics.jsonl as eval/<task> (and
+    eval/<task>_mntp for masked next-token and hybrid objectives), scored as `lmp eval` does."""
+
+    every: int | None = Field(None, ge=1, description="steps between evaluations; default train.eval_every")
+    tasks: list[Literal["probe", "blimp", "blimp_supplement", "ewok", "entity_tracking"]] = ["probe"]
+    data_dir: str | None = Field(
+        None, description="the BabyLM evaluation_data folder (or a BLiMP folder): needed by all but probe"
+    )
+    fast: bool = Field(True, description="the official fast_eval subsets of evaluation_data")
+    items_per_uid: int | None = Field(None, ge=1, description="score only the first N items of each UID")
+    probe_items: int = Field(50, ge=1, description="probe minimal pairs per phenomenon")
+
+    @model_validator(mode="after")
+    def _data_for_tasks(self) -> EvalConfig:
+        needs = [t for t in self.tasks if t != "probe"]
+        if needs and self.data_dir is None:
+            raise ValueError(f"eval.tasks {', '.join(needs)} need eval.data_dir (the evaluation_data folder)")
+        if not self.tasks:
+            raise ValueError("eval.tasks is empty; list at least one task or drop the eval section")
+        return self
+
+
 class CheckpointConfig(Section):
     every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
     keep_last: int = Field(3, ge=1)
@@ -216,6 +236,7 @@ class Recipe(Section):
     train: TrainConfig = TrainConfig(max_steps=400)
     objective: Literal["causal", "masked_next_token", "hybrid"] = "causal"
     hybrid: HybridConfig = HybridConfig()
+    eval: EvalConfig | None = None
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
 

@@ -40,7 +40,7 @@ def tiny_run_args(corpus: Path, cache: Path, steps: int, **extra: object) -> lis
         "optim.lr": 3e-3,
         # one thread: tiny matrices gain nothing from two, and a busy machine slows two threads badly
         "train.num_threads": 1,
-        "train.probe_items": 0,
+        "eval": None,
         **extra,
     }
     args = [str(ROOT / "recipes/demo.yaml")]

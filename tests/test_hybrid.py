@@ -218,7 +218,7 @@ def test_causal_export_has_no_masked_lm_class(tmp_path):
 def test_hybrid_run_trains_both_objectives_and_scores_with_both_backends(bible_corpus, tmp_path):
     run = tmp_path / "run"
     # eval_tokens 4000: 62 validation windows, so the last validation batch is a short one
-    extra = {"train.probe_items": 5, "train.eval_tokens": 4000}
+    extra = {"eval": "{tasks: [probe], probe_items: 5}", "train.eval_tokens": 4000}
     args = tiny_run_args(bible_corpus, tmp_path / "cache", 40, objective="hybrid", **extra)
     result = CliRunner().invoke(app, ["train", *args, "--out", str(run)])
     assert result.exit_code == 0, result.output + repr(result.exception)

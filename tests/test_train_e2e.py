@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_run_args
+from conftest import ROOT, tiny_run_args
 from lm_pretrain.cli import app
 
 
@@ -101,19 +101,39 @@ def test_weight_average_during_training(bible_corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_grammar_probe_logged_during_training(bible_corpus, tmp_path):
+def test_zero_shot_scores_logged_during_training(bible_corpus, tmp_path):
     from lm_pretrain.eval.runner import evaluate
 
     run = tmp_path / "run"
-    extra = {"train.probe_items": 10, "train.eval_every": 10}
+    blimp = ROOT.parent / "shared" / "data" / "blimp"
+    tasks = "[probe, blimp]" if blimp.is_dir() else "[probe]"  # BLiMP where ../shared is present
+    extra = {"eval": f"{{tasks: {tasks}, probe_items: 10, every: 10, items_per_uid: 3, data_dir: {blimp}}}"}
     out = run_cli(["train", *tiny_run_args(bible_corpus, tmp_path / "cache", 20, **extra), "--out", str(run)])
-    assert "grammar probe" in out
+    assert "zero-shot probe" in out
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     probes = {r["step"]: r["eval/probe"] for r in records if "eval/probe" in r}
     assert sorted(probes) == [10, 20]
     # the same score `lmp eval` gives the exported model (one flipped pair at most: float noise)
     exported = evaluate(run / "final", ["probe"], probe_size=10).tasks[0].mean
     assert abs(probes[20] - exported) <= 1.0
+    if blimp.is_dir():  # 3 pairs of each of the 67 UIDs, mean of UID accuracies: a multiple of 1/3
+        scores = [r["eval/blimp"] for r in records if "eval/blimp" in r]
+        assert len(scores) == 2 and all(
+            abs(s * 67 * 3 / 100 - round(s * 67 * 3 / 100)) < 1e-6 for s in scores
+        )
+
+
+def test_eval_section_needs_data_for_data_tasks(bible_corpus, tmp_path):
+    extra = {"eval": "{tasks: [blimp]}"}
+    result = CliRunner().invoke(app, ["train", *tiny_run_args(bible_corpus, tmp_path / "cache", 5, **extra)])
+    assert result.exit_code == 2 and "eval.data_dir" in result.output
+    extra = {"eval": f"{{tasks: [ewok], data_dir: {tmp_path}}}"}
+    run = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, ["train", *tiny_run_args(bible_corpus, tmp_path / "cache", 5, **extra), "--out", str(run)]
+    )
+    assert result.exit_code == 2 and "no data for task ewok" in result.output
+    assert not (run / "checkpoints").exists()  # stopped before training
 
 
 @pytest.mark.slow

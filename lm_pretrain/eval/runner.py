@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from lm_pretrain.eval.probe import probe_items
 from lm_pretrain.eval.report import TaskResult, judge
 from lm_pretrain.eval.scoring import BACKENDS, ScoringModel, load_scoring_model, score_candidates
 from lm_pretrain.eval.tasks import DATA_TASKS, Item, load_task, with_prefix
+from lm_pretrain.recipe import EvalConfig
 
 ALL_TASKS = (*DATA_TASKS, "probe", "perplexity")
 
@@ -149,27 +152,51 @@ class _DecoderAsHF(torch.nn.Module):
         return self.decoder.lm_head
 
 
-@torch.no_grad()
-def probe_during_training(
-    decoder: torch.nn.Module, tokenizer_dir: Path, per_phenomenon: int, backend: str = "causal"
-) -> float:
-    """The grammar probe's mean accuracy (%) for a model being trained, scored exactly as
-    `lmp eval --tasks probe --backend <causal|mntp>` scores its export (fp32, seed 0)."""
-    from transformers import AutoTokenizer
+class TrainingEvaluator:
+    """The recipe's eval section: zero-shot tasks scored on the model being trained, in fp32 and by
+    the same rules as `lmp eval` on its export. Task files are read once, when training starts, so a
+    wrong eval.data_dir stops the run before its first step."""
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, padding_side="right", local_files_only=True)
-    device = next(decoder.parameters()).device
-    was_training = decoder.training
-    model = _DecoderAsHF(decoder, bidirectional=backend == "mntp").eval()
-    sm = ScoringModel(model, tokenizer, backend, tokenizer_dir, device)
-    items = probe_items(0, per_phenomenon)
-    sentences = [s for item in items for s in item.sentences]
-    completions = [c for item in items for c in item.completions]
-    try:
-        # no group sizes: the shared-context path needs a key/value cache, which lmp's model lacks
-        flat = score_candidates(sm, sentences, completions)
-        bounds = np.cumsum([0] + [len(item.sentences) for item in items])
-        scores = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        return judge("probe", "lmp templates, seed 0", items, scores).mean
-    finally:
-        decoder.train(was_training)
+    def __init__(self, cfg: EvalConfig, tokenizer_dir: Path, backends: Sequence[str]) -> None:
+        from transformers import AutoTokenizer
+
+        self.tasks: list[tuple[str, str, list[Item]]] = []
+        for task in cfg.tasks:
+            if task == "probe":
+                self.tasks.append((task, "lmp templates, seed 0", probe_items(0, cfg.probe_items)))
+                continue
+            source, items = load_task(task, Path(cfg.data_dir), cfg.fast)
+            if cfg.items_per_uid is not None:
+                by_uid: dict[str, list[Item]] = defaultdict(list)
+                for item in items:
+                    by_uid[item.uid].append(item)
+                items = [item for group in by_uid.values() for item in group[: cfg.items_per_uid]]
+            self.tasks.append((task, str(source), items))
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_dir, padding_side="right", local_files_only=True
+        )
+        self.tokenizer_dir = tokenizer_dir
+        self.backends = list(backends)
+
+    @torch.no_grad()
+    def __call__(self, decoder: torch.nn.Module) -> dict[str, float]:
+        """{"eval/<task>": mean accuracy %, ...}; masked next-token scores as eval/<task>_mntp."""
+        device = next(decoder.parameters()).device
+        was_training = decoder.training
+        scores = {}
+        try:
+            for backend in self.backends:
+                model = _DecoderAsHF(decoder, bidirectional=backend == "mntp").eval()
+                sm = ScoringModel(model, self.tokenizer, backend, self.tokenizer_dir, device)
+                for task, source, items in self.tasks:
+                    # no group sizes: the shared-context path needs a key/value cache, which lmp's model lacks
+                    sentences = [s for item in items for s in item.sentences]
+                    completions = [c for item in items for c in item.completions]
+                    flat = score_candidates(sm, sentences, completions)
+                    bounds = np.cumsum([0] + [len(item.sentences) for item in items])
+                    per_item = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+                    suffix = "" if backend == "causal" else f"_{backend}"
+                    scores[f"eval/{task}{suffix}"] = judge(task, source, items, per_item).mean
+        finally:
+            decoder.train(was_training)
+        return scores

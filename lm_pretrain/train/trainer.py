@@ -400,6 +400,14 @@ def _train(
             masked = masker.mask_rows(inputs, targets, rows, samples, recipe.hybrid.mask_rate_end)
             val_mntp_batches.append((*masked, rows))
     sink = MetricsSink(run_dir, recipe, enabled=is_main)
+    evaluator, eval_every = None, cfg.eval_every
+    if recipe.eval is not None:
+        from lm_pretrain.eval.runner import TrainingEvaluator
+
+        # masked next-token and hybrid models are scored with both backends
+        backends = ["causal"] if masker is None else ["causal", "mntp"]
+        evaluator = TrainingEvaluator(recipe.eval, tokenizer_dir, backends)
+        eval_every = recipe.eval.every or cfg.eval_every
     if is_main:
         n_params = core.num_parameters()
         console.print(
@@ -529,7 +537,9 @@ def _train(
                 loss_acc.zero_()
                 steps_acc = 0
                 interval_start, interval_tokens = now, 0
-            if step % cfg.eval_every == 0 or step == steps:
+            validate = step % cfg.eval_every == 0 or step == steps
+            zero_shot = evaluator is not None and (step % eval_every == 0 or step == steps) and is_main
+            if validate:
                 state["val_loss"] = validation_loss(model, val_batches, accelerator, document_bos)
                 record = {
                     **(record or {"step": step, "tokens": state["tokens"], "words": state["words"]}),
@@ -547,20 +557,18 @@ def _train(
                             model, val_batches, accelerator, document_bos
                         )
                     message += f", averaged weights ({cfg.average.kind}) {record['val_loss_avg']:.4f}"
-                if is_main and cfg.probe_items:
-                    from lm_pretrain.eval.runner import probe_during_training
-
-                    record["eval/probe"] = probe_during_training(core, tokenizer_dir, cfg.probe_items)
-                    message += f", grammar probe {record['eval/probe']:.1f}%"
-                    if masker is not None:
-                        record["eval/probe_mntp"] = probe_during_training(
-                            core, tokenizer_dir, cfg.probe_items, backend="mntp"
-                        )
-                        message += f" (mntp {record['eval/probe_mntp']:.1f}%)"
                 progress.print(message)
+            if zero_shot:
+                scores = evaluator(core)
+                record = {
+                    **(record or {"step": step, "tokens": state["tokens"], "words": state["words"]}),
+                    **scores,
+                }
+                shown = ", ".join(f"{k.removeprefix('eval/')} {v:.1f}%" for k, v in scores.items())
+                progress.print(f"step {step}: zero-shot {shown}")
             if record is not None:
                 sink.log(record)
-                if is_main and "val_loss" in record:
+                if is_main and (validate or zero_shot):
                     write_run_plot(run_dir)  # <run>/progress.png: one file shows how the run goes
                 progress.update(step, record if "loss" in record else None)
             else:
