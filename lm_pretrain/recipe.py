@@ -138,6 +138,9 @@ class TrainConfig(Section):
     max_tokens: int | None = Field(None, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     compile: bool = False
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="several processes: replicate the model (ddp) or shard it (fsdp)"
+    )
     activation_checkpointing: bool = Field(
         False, description="recompute block activations in backward: far less memory, about 1/3 more compute"
     )

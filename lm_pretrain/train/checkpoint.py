@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,7 @@ def step_checkpoints(run_dir: Path) -> list[Path]:
 def save_checkpoint(
     run_dir: Path,
     model: Decoder,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     tokenizer_dir: Path,
     state: dict[str, Any],
     keep_last: int,
@@ -125,7 +126,7 @@ def save_checkpoint(
     tmp = folder / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     write_model_folder(model, tokenizer_dir, tmp, {"kind": "checkpoint", **state})
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     for rank, rng in enumerate(rng_states or [rng_state()]):
         torch.save(rng, tmp / f"rng-{rank}.pt")
     for file_name, obj in (extra or {}).items():  # e.g. the weight average's state
@@ -138,15 +139,17 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    path: Path,
-    model: Decoder,
-    optimizer: torch.optim.Optimizer,
-    rank: int = 0,
-) -> dict[str, Any]:
-    """Restore model, optimizer and this process's RNG from a checkpoint; return its trainer
-    state (step, data position, ...). The LR schedule needs nothing more: it is a pure function
-    of the step. A process the saving run did not have takes rank 0's RNG state."""
+@dataclass
+class Checkpoint:
+    weights: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    rng: dict[str, Any] | None
+    state: dict[str, Any]  # trainer_state.json: step, data position, ...
+
+
+def read_checkpoint(path: Path, rank: int = 0) -> Checkpoint:
+    """Everything a checkpoint holds for process `rank`. A process the saving run did not have
+    takes rank 0's RNG state. The LR schedule needs nothing: it is a pure function of the step."""
     from safetensors.torch import load_file
 
     missing = [n for n in (STATE_FILE, "model.safetensors", "optimizer.pt") if not (path / n).is_file()]
@@ -167,13 +170,14 @@ def load_checkpoint(
             f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); it was damaged after it "
             "was written. Move it aside to resume from the previous checkpoint."
         ) from None
+    return Checkpoint(weights, optimizer_state, rng, state)
+
+
+def load_weights(model: Decoder, checkpoint: Checkpoint, path: Path) -> None:
+    weights = dict(checkpoint.weights)
     if model.config.tie_embeddings and "lm_head.weight" not in weights:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
         raise LmpError(f"checkpoint {path} does not fit this recipe's model: {exc}") from None
-    optimizer.load_state_dict(optimizer_state)
-    if rng is not None:
-        set_rng_state(rng)
-    return state

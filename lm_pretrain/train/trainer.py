@@ -41,11 +41,14 @@ from lm_pretrain.model.decoder import Decoder, DecoderConfig
 from lm_pretrain.plot import write_run_plot
 from lm_pretrain.recipe import OptimConfig, Recipe
 from lm_pretrain.track import MetricsSink, TrainProgress, truncate_metrics, write_status
+from lm_pretrain.train import sharding
 from lm_pretrain.train.checkpoint import (
-    load_checkpoint,
+    load_weights,
     publish,
+    read_checkpoint,
     rng_state,
     save_checkpoint,
+    set_rng_state,
     step_checkpoints,
     write_model_folder,
 )
@@ -341,6 +344,15 @@ def _train(
         )
     )
     model.activation_checkpointing = cfg.activation_checkpointing
+    fsdp = cfg.distributed == "fsdp"
+    checkpoint = None
+    if start_from is not None:
+        checkpoint = read_checkpoint(start_from, accelerator.process_index)
+        load_weights(model, checkpoint, start_from)
+    if fsdp:
+        if cfg.average is not None:
+            raise LmpError("train.average does not work with train.distributed: fsdp yet; drop one of them")
+        sharding.shard(model.to(accelerator.device))
     optimizer = build_optimizer(model, recipe.optim)
     averager = None
     if cfg.average is not None:
@@ -356,8 +368,14 @@ def _train(
         "seconds": 0.0,
         "skipped_steps": 0,
     }
-    if start_from is not None:
-        state = {**state, **load_checkpoint(start_from, model, optimizer, accelerator.process_index)}
+    if checkpoint is not None:
+        if fsdp:
+            sharding.load_full_optimizer_state(optimizer, checkpoint.optimizer_state)
+        else:
+            optimizer.load_state_dict(checkpoint.optimizer_state)
+        if checkpoint.rng is not None:
+            set_rng_state(checkpoint.rng)
+        state = {**state, **checkpoint.state}
         if averager is not None and (start_from / AVERAGE_FILE).is_file():
             averager.load_state_dict(torch.load(start_from / AVERAGE_FILE, weights_only=False))
         if accelerator.scaler is not None and (start_from / SCALER_FILE).is_file():  # fp16 on GPU
@@ -371,7 +389,10 @@ def _train(
     # the plain Decoder, sharing its parameters with the DDP / compiled wrappers: what is saved,
     # averaged and probed (a compiled wrapper would prefix every parameter name)
     core = model
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp:
+        optimizer = accelerator.prepare(optimizer)  # the model is sharded already, not DDP-wrapped
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.compile:
         model = torch.compile(model)
 
@@ -426,13 +447,19 @@ def _train(
             extra[SCALER_FILE] = accelerator.scaler.state_dict()
         return extra
 
+    def full_model() -> Decoder | None:
+        """The model with whole weights on the main process (collective under FSDP)."""
+        return sharding.plain_copy(core, is_main) if fsdp else core
+
     def save(step_state: dict, name: str | None = None) -> None:
         rng_states = gather_object([rng_state()])  # every process's, in rank order
+        weights = full_model()
+        optimizer_state = sharding.full_optimizer_state(optimizer) if fsdp else optimizer.state_dict()
         if is_main:
             save_checkpoint(
                 run_dir,
-                core,
-                optimizer,
+                weights,
+                optimizer_state,
                 tokenizer_dir,
                 step_state,
                 recipe.checkpoint.keep_last,
@@ -482,13 +509,16 @@ def _train(
                 inputs, targets, *rows = (t.to(accelerator.device, non_blocking=True) for t in next(loader))
                 data_wait += time.perf_counter() - waited
                 bidirectional = rows[0] if rows else None
-                # only the last micro-batch all-reduces gradients across processes
-                sync = accelerator.no_sync(model) if i < accum - 1 else nullcontext()
+                # only the last micro-batch all-reduces (FSDP: reduce-scatters) gradients
+                if fsdp:
+                    core.set_requires_gradient_sync(i == accum - 1)
+                sync = accelerator.no_sync(model) if i < accum - 1 and not fsdp else nullcontext()
                 with sync:
                     loss = forward_loss(model, inputs, targets, document_bos, bidirectional) / accum
                     accelerator.backward(loss)
                 step_loss += loss.detach()
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip or math.inf)
+            grad_norm = sharding.full(grad_norm)  # under FSDP a replicated DTensor
             # the schedule is a pure function of the step: the step is all the state it has
             lr = recipe.optim.lr * schedule(step)
             for group in optimizer.param_groups:
@@ -538,7 +568,7 @@ def _train(
                 steps_acc = 0
                 interval_start, interval_tokens = now, 0
             validate = step % cfg.eval_every == 0 or step == steps
-            zero_shot = evaluator is not None and (step % eval_every == 0 or step == steps) and is_main
+            zero_shot = evaluator is not None and (step % eval_every == 0 or step == steps)
             if validate:
                 state["val_loss"] = validation_loss(model, val_batches, accelerator, document_bos)
                 record = {
@@ -558,8 +588,9 @@ def _train(
                         )
                     message += f", averaged weights ({cfg.average.kind}) {record['val_loss_avg']:.4f}"
                 progress.print(message)
-            if zero_shot:
-                scores = evaluator(core)
+            scored = full_model() if zero_shot else None
+            if zero_shot and is_main:
+                scores = evaluator(scored)
                 record = {
                     **(record or {"step": step, "tokens": state["tokens"], "words": state["words"]}),
                     **scores,
@@ -591,11 +622,12 @@ def _train(
                 break
 
     seconds = time.perf_counter() - started
+    exported = None if stopped else full_model()
     if is_main and not stopped:
         final = run_dir / "final"
         tmp = run_dir / ".tmp-final"
         write_model_folder(
-            core,
+            exported,
             tokenizer_dir,
             tmp,
             {"kind": "final", "recipe": recipe.name, **state, "unigram_entropy": data.unigram_entropy},
