@@ -233,6 +233,18 @@ def test_hybrid_run_trains_both_objectives_and_scores_with_both_backends(bible_c
     assert (run / "final" / MODELING_FILE).is_file()
     assert (run / "checkpoints" / "step-40" / MODELING_FILE).is_file()  # checkpoints load the same way
 
+    # batched mntp scoring (only the read position's logits, via logits_to_keep) equals the plain way
+    from lm_pretrain.eval.scoring import load_scoring_model, score_candidates, score_one_at_a_time
+
+    sm = load_scoring_model(run / "final", "mntp", device="cpu")
+    sentences = ["And God said, Let there be light.", "And God said, Let there are light.", "He went up."]
+    completions = [sentences[0], sentences[1], " up."]
+    np.testing.assert_allclose(
+        score_candidates(sm, sentences, completions),
+        score_one_at_a_time(sm, sentences, completions),
+        atol=1e-4,
+    )
+
     scores = {}
     for backend in ("causal", "mntp"):
         out = tmp_path / f"{backend}.json"
