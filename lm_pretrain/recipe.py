@@ -163,6 +163,8 @@ class TrainConfig(Section):
         given = [n for n in ("max_steps", "max_tokens", "max_words_seen") if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(f"set only one of train.max_steps, max_tokens, max_words_seen (got {given})")
+        if self.distributed == "fsdp" and self.average is not None:
+            raise ValueError("train.average does not work with train.distributed fsdp yet; drop one of them")
         return self
 
 

@@ -56,6 +56,14 @@ def test_cross_field_rules():
         validate_recipe({"name": "x", "train": {"max_steps": 5, "max_tokens": 100}})
     with pytest.raises(LmpError, match="data.word_budget"):
         validate_recipe({"name": "x", "train": {"batch_size": 8}})
+    with pytest.raises(LmpError, match="fsdp"):
+        validate_recipe(
+            {"name": "x", "train": {"max_steps": 5, "distributed": "fsdp", "average": {"kind": "ema"}}}
+        )
+    with pytest.raises(LmpError, match="exceeds 1"):
+        validate_recipe({"name": "x", "hybrid": {"random_fraction": 0.6, "keep_fraction": 0.6}})
+    with pytest.raises(LmpError, match="eval.data_dir"):
+        validate_recipe({"name": "x", "eval": {"tasks": ["blimp"]}})
 
 
 def test_words_seen_defaults_to_ten_passes_of_the_budget():

@@ -350,8 +350,6 @@ def _train(
         checkpoint = read_checkpoint(start_from, accelerator.process_index)
         load_weights(model, checkpoint, start_from)
     if fsdp:
-        if cfg.average is not None:
-            raise LmpError("train.average does not work with train.distributed: fsdp yet; drop one of them")
         sharding.shard(model.to(accelerator.device))
     optimizer = build_optimizer(model, recipe.optim)
     averager = None
