@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from lm_pretrain.errors import LmpError
-from lm_pretrain.model.decoder import Decoder, DecoderConfig
+from lm_pretrain.model.decoder import CompiledCpuCausalAttention, Decoder, DecoderConfig
 from lm_pretrain.model.export import hf_config_dict, load_model, save_model
 from lm_pretrain.recipe import ModelConfig
 
@@ -164,6 +165,30 @@ def test_compiles():
     compiled = torch.compile(model, backend="aot_eager")(ids, targets)
     torch.testing.assert_close(compiled.logits, eager.logits)
     compiled.loss.backward()
+
+
+def test_cpu_attention_backward_matches_sdpa():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(2, 3, 17, 8)
+    expected = torch.autograd.grad(
+        F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad_out
+    )
+    out = CompiledCpuCausalAttention.apply(q, k, v)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), grad_out), expected, strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_compiled_gradients_equal_eager():
+    # under compile the model takes CompiledCpuCausalAttention's backward (and GQA's repeat)
+    eager, compiled = tiny_model(num_kv_heads=2), tiny_model(num_kv_heads=2)
+    ids = sample_ids()
+    targets = torch.roll(ids, -1, dims=1)
+    eager(ids, targets, return_logits=False).loss.backward()
+    torch.compile(compiled, backend="aot_eager")(ids, targets, return_logits=False).loss.backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_too_long_sequence_is_refused():
