@@ -82,6 +82,41 @@ def test_document_packing_isolates_documents():
     assert leak > 1e-3
 
 
+def test_document_bounds_are_the_blocks_of_the_document_mask():
+    from lm_pretrain.data.loader import document_bounds, document_masks
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randint(1, 6, (4, 24), generator=generator)  # token 1 is BOS: many documents
+    inputs[2] = 3  # a row inside one long document
+    bounds = document_bounds(inputs, bos_token_id=1)
+    assert bounds.dtype == torch.int32 and bounds[0] == 0 and bounds[-1] == inputs.numel()
+    # the document of every flattened token, drawn back as a block-diagonal causal mask
+    doc = torch.searchsorted(bounds, torch.arange(inputs.numel(), dtype=torch.int32), right=True)
+    same = (doc[:, None] == doc[None, :]) & torch.ones(96, 96, dtype=torch.bool).tril()
+    _, mask = document_masks(inputs, bos_token_id=1)
+    assert torch.equal(torch.block_diag(*mask[:, 0]), same)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="variable-length flash attention runs on CUDA")
+def test_varlen_attention_equals_the_document_mask_on_gpu():
+    from lm_pretrain.data.loader import document_bounds, document_masks, document_positions
+    from lm_pretrain.model.decoder import Decoder, DecoderConfig, use_varlen_attention
+
+    torch.manual_seed(0)
+    config = DecoderConfig(vocab_size=50, hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1)
+    model = Decoder(config).cuda()
+    inputs = torch.randint(1, 8, (3, 64), device="cuda")
+    targets = torch.roll(inputs, -1, 1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert use_varlen_attention(inputs.device)
+        positions, mask = document_masks(inputs, 1)
+        masked = model(inputs, targets, position_ids=positions, attn_mask=mask)
+        bounds = document_bounds(inputs, 1)
+        varlen = model(inputs, targets, position_ids=document_positions(inputs, 1), cu_seqlens=bounds)
+    torch.testing.assert_close(varlen.logits.float(), masked.logits.float(), atol=2e-2, rtol=0)
+    torch.testing.assert_close(varlen.loss, masked.loss, atol=1e-3, rtol=0)
+
+
 def test_background_worker_serves_the_batches_of_the_loop_in_order(tmp_path):
     import pickle
 

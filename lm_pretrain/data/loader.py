@@ -211,14 +211,33 @@ def document_masks(
     The partial document a window starts inside counts as one document from position 0. Rows
     flagged in `bidirectional` ([B] bool, masked next-token rows) see their whole document.
     """
+    doc = torch.cumsum((inputs == bos_token_id).long(), dim=1)
+    same_doc = doc.unsqueeze(2) == doc.unsqueeze(1)
+    return document_positions(inputs, bos_token_id), (
+        same_doc & causal_mask(inputs, bidirectional)
+    ).unsqueeze(1)
+
+
+def document_positions(inputs: torch.Tensor, bos_token_id: int) -> torch.Tensor:
+    """Position ids [B, T] that restart at 0 at every BOS (and at the start of each row)."""
     starts = inputs == bos_token_id
-    doc = torch.cumsum(starts.long(), dim=1)
     index = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
     # the index of each token's document start: a running maximum of the start positions
     start_index = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
-    positions = index - start_index
-    same_doc = doc.unsqueeze(2) == doc.unsqueeze(1)
-    return positions, (same_doc & causal_mask(inputs, bidirectional)).unsqueeze(1)
+    return index - start_index
+
+
+def document_bounds(inputs: torch.Tensor, bos_token_id: int) -> torch.Tensor:
+    """Where the documents of the flattened batch begin, as variable-length attention takes them:
+    int32 cumulative offsets [0, ..., B*T], a document starting at every BOS and at every row start.
+
+    The same documents as document_masks draws; finding them reads the batch on the host.
+    """
+    starts = inputs == bos_token_id
+    starts[:, 0] = True
+    offsets = starts.flatten().nonzero().flatten()
+    end = torch.tensor([inputs.numel()], device=inputs.device)
+    return torch.cat([offsets, end]).to(torch.int32)
 
 
 def causal_mask(inputs: torch.Tensor, bidirectional: torch.Tensor | None) -> torch.Tensor:

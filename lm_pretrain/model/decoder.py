@@ -19,6 +19,11 @@ from torch import nn
 
 from lm_pretrain.recipe import ModelConfig
 
+try:  # PyTorch >= 2.9: flash attention over packed variable-length documents, on CUDA
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
 IGNORE_INDEX = -100
 
 
@@ -162,6 +167,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
@@ -175,6 +181,11 @@ class Attention(nn.Module):
             group = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
+        if cu_seqlens is not None:
+            # the batch as one stream of documents, each attended causally on its own
+            q, k, v = (t.transpose(1, 2).reshape(B * T, self.num_heads, self.head_dim) for t in (q, k, v))
+            y = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, T, T, window_size=(-1, 0))
+            return self.o_proj(y.reshape(B, T, -1))
         if attn_mask is None and q.device.type == "cpu" and torch.compiler.is_compiling():
             y = CompiledCpuCausalAttention.apply(q, k, v)
         elif attn_mask is None:
@@ -218,6 +229,17 @@ class CompiledCpuCausalAttention(torch.autograd.Function):
         return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, grad_v
 
 
+def use_varlen_attention(device: torch.device) -> bool:
+    """Whether packed documents can go through variable-length flash attention: PyTorch has it,
+    the device is CUDA, and autocast runs in bf16 or fp16 (flash kernels take nothing else)."""
+    return (
+        varlen_attn is not None
+        and device.type == "cuda"
+        and torch.is_autocast_enabled("cuda")
+        and torch.get_autocast_dtype("cuda") in (torch.bfloat16, torch.float16)
+    )
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -245,8 +267,9 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cu_seqlens)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -396,6 +419,7 @@ class Decoder(nn.Module):
         attn_mask: torch.Tensor | None = None,
         return_logits: bool = True,
         loss_weights: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> DecoderOutput:
         """Logits [B, T, vocab] and, given targets, the mean next-token loss.
 
@@ -405,6 +429,9 @@ class Decoder(nn.Module):
         With targets and return_logits=False, logits is None and the loss comes from
         chunked_lm_loss: the same value, faster, and without the full logits in memory.
         loss_weights (float, shaped like targets) turn the mean into a weighted sum over targets.
+        cu_seqlens (int32 document offsets in the flattened batch, loader.document_bounds) keeps
+        packed documents apart with variable-length flash attention instead of a mask: CUDA, bf16
+        or fp16 only (see use_varlen_attention).
         """
         T = input_ids.shape[1]
         if position_ids is None:
@@ -420,9 +447,11 @@ class Decoder(nn.Module):
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.model.layers:
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    block, x, cos, sin, attn_mask, cu_seqlens, use_reentrant=False
+                )
             else:
-                x = block(x, cos, sin, attn_mask)
+                x = block(x, cos, sin, attn_mask, cu_seqlens)
         hidden = self.model.norm(x)
 
         if targets is not None and not return_logits:

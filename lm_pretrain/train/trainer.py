@@ -28,7 +28,9 @@ from lm_pretrain.data.loader import (
     PackedWindows,
     TrainBatches,
     causal_mask,
+    document_bounds,
     document_masks,
+    document_positions,
     train_loader,
     validation_batches,
 )
@@ -37,7 +39,7 @@ from lm_pretrain.data.prepare import prepare_data
 from lm_pretrain.data.tokenizer import save_hf_tokenizer, special_token_ids
 from lm_pretrain.errors import LmpError
 from lm_pretrain.milestones import milestone_name, milestone_words
-from lm_pretrain.model.decoder import Decoder, DecoderConfig
+from lm_pretrain.model.decoder import Decoder, DecoderConfig, use_varlen_attention
 from lm_pretrain.plot import write_run_plot
 from lm_pretrain.recipe import OptimConfig, Recipe
 from lm_pretrain.track import MetricsSink, TrainProgress, truncate_metrics, write_status
@@ -172,14 +174,23 @@ def forward_loss(
     in `bidirectional` (masked next-token rows) attend both ways, each objective weighted by its
     share of rows."""
     weights = None if bidirectional is None else objective_weights(targets, bidirectional)
-    positions = mask = None
-    if bos_token_id is not None:
+    positions = mask = bounds = None
+    if bos_token_id is not None and bidirectional is None and use_varlen_attention(inputs.device):
+        # flash attention per document: no [T, T] mask, and no work across documents
+        positions, bounds = document_positions(inputs, bos_token_id), document_bounds(inputs, bos_token_id)
+    elif bos_token_id is not None:
         positions, mask = document_masks(inputs, bos_token_id, bidirectional)
     elif bidirectional is not None:
         mask = causal_mask(inputs, bidirectional).unsqueeze(1)
     # return_logits=False: the chunked loss, which never holds full-vocabulary logits
     out = model(
-        inputs, targets, position_ids=positions, attn_mask=mask, return_logits=False, loss_weights=weights
+        inputs,
+        targets,
+        position_ids=positions,
+        attn_mask=mask,
+        return_logits=False,
+        loss_weights=weights,
+        cu_seqlens=bounds,
     )
     return out.loss
 
