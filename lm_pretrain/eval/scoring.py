@@ -162,7 +162,14 @@ def _masked_logprobs(
             arange = torch.arange(len(chunk), device=sm.device)
             targets = ids[arange, pos].clone()
             ids[arange, pos] = mask_id
-            logits = _logits(sm.model, ids)[arange, pos - shift]
+            if type(sm.model).__name__ == "LmpForMaskedNextToken":
+                # lmp's own masked class computes the output layer at the scored positions only
+                result = sm.model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_at=pos - shift)
+                logits = result.logits.float()
+            else:
+                logits = _logits(sm.model, ids)
+            if logits.dim() == 3:  # every position (also an lmp export from before logits_at)
+                logits = logits[arange, pos - shift]
             picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             out[chunk] = picked.cpu().numpy()
     return out

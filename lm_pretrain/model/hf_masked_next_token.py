@@ -26,8 +26,11 @@ class LmpForMaskedNextToken(LlamaForCausalLM):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
         **kwargs: object,
     ) -> MaskedLMOutput:
+        """logits [B, T, vocab]; with logits_at ([B] positions) only row b's logits at position
+        logits_at[b], [B, vocab], which is all that scoring one masked token per row needs."""
         hidden = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden.shape[:2]
         keep = (
@@ -45,5 +48,7 @@ class LmpForMaskedNextToken(LlamaForCausalLM):
         for layer in self.model.layers:
             out = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
             hidden = out[0] if isinstance(out, tuple) else out  # 4.51 returns a tuple, 5.x a tensor
+        if logits_at is not None:
+            hidden = hidden[torch.arange(batch, device=hidden.device), logits_at]
         logits = self.lm_head(self.model.norm(hidden))
         return MaskedLMOutput(logits=logits)
