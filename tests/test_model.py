@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from lm_pretrain.errors import LmpError
-from lm_pretrain.model.decoder import CompiledCpuCausalAttention, Decoder, DecoderConfig
+from lm_pretrain.model.decoder import CompiledCpuAttention, Decoder, DecoderConfig
 from lm_pretrain.model.export import hf_config_dict, load_model, save_model
 from lm_pretrain.recipe import ModelConfig
 
@@ -167,26 +167,38 @@ def test_compiles():
     compiled.loss.backward()
 
 
-def test_cpu_attention_backward_matches_sdpa():
+def block_causal_mask(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """[B, 1, T, T] causal within random documents: what document packing passes the model."""
+    starts = torch.rand(batch, length, generator=torch.Generator().manual_seed(seed)) < 0.15
+    doc = torch.cumsum(starts.long(), dim=1)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "document-mask"])
+def test_cpu_attention_backward_matches_sdpa(masked):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 17, 8, requires_grad=True) for _ in range(3))
     grad_out = torch.randn(2, 3, 17, 8)
-    expected = torch.autograd.grad(
-        F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad_out
-    )
-    out = CompiledCpuCausalAttention.apply(q, k, v)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    mask = block_causal_mask(2, 17) if masked else None
+    expected_out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not masked)
+    expected = torch.autograd.grad(expected_out, (q, k, v), grad_out)
+    out = CompiledCpuAttention.apply(q, k, v, mask)
+    torch.testing.assert_close(out, expected_out)
     for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), grad_out), expected, strict=True):
         torch.testing.assert_close(ours, theirs)
 
 
-def test_compiled_gradients_equal_eager():
-    # under compile the model takes CompiledCpuCausalAttention's backward (and GQA's repeat)
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "document-mask"])
+def test_compiled_gradients_equal_eager(masked):
+    # under compile the model takes CompiledCpuAttention's backward (and GQA's repeat)
     eager, compiled = tiny_model(num_kv_heads=2), tiny_model(num_kv_heads=2)
     ids = sample_ids()
     targets = torch.roll(ids, -1, dims=1)
-    eager(ids, targets, return_logits=False).loss.backward()
-    torch.compile(compiled, backend="aot_eager")(ids, targets, return_logits=False).loss.backward()
+    mask = block_causal_mask(*ids.shape) if masked else None
+    eager(ids, targets, attn_mask=mask, return_logits=False).loss.backward()
+    compiled_model = torch.compile(compiled, backend="aot_eager")
+    compiled_model(ids, targets, attn_mask=mask, return_logits=False).loss.backward()
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
 

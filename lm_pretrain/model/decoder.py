@@ -186,8 +186,8 @@ class Attention(nn.Module):
             q, k, v = (t.transpose(1, 2).reshape(B * T, self.num_heads, self.head_dim) for t in (q, k, v))
             y = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, T, T, window_size=(-1, 0))
             return self.o_proj(y.reshape(B, T, -1))
-        if attn_mask is None and q.device.type == "cpu" and torch.compiler.is_compiling():
-            y = CompiledCpuCausalAttention.apply(q, k, v)
+        if q.device.type == "cpu" and torch.compiler.is_compiling():
+            y = CompiledCpuAttention.apply(q, k, v, attn_mask)
         elif attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -196,37 +196,47 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-class CompiledCpuCausalAttention(torch.autograd.Function):
-    """Causal attention for torch.compile'd training on CPU: the forward is PyTorch's CPU flash
-    kernel, the backward is written out as batched matmuls and elementwise ops for inductor to fuse.
+class CompiledCpuAttention(torch.autograd.Function):
+    """Attention for torch.compile'd training on CPU, causal or under the caller's boolean mask
+    (True = may attend): the forward is PyTorch's CPU flash kernel, the backward is written out as
+    batched matmuls and elementwise ops for inductor to fuse.
 
     PyTorch's CPU flash backward is several times slower than its forward (hidden 256, seq 256,
     bf16: 16 ms against 2 ms per layer); the written-out backward recomputes the probabilities from
-    the saved log-sum-exp, as flash attention does, in about half the time. In eager mode its
-    unfused elementwise passes are slower than the kernel, so it is used only under compile.
+    the saved log-sum-exp, as flash attention does, in about half the time (also with a mask). In
+    eager mode its unfused elementwise passes are slower than the kernel, so it is used only under
+    compile.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v):  # noqa: ANN001, ANN205
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[:2]
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, attn_mask):  # noqa: ANN001, ANN205
+        if attn_mask is None:
+            allowed = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[:2]
+        else:
+            allowed = attn_mask
+            bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~attn_mask, -math.inf
+            )
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, False, attn_mask=bias
+            )[:2]
+        ctx.save_for_backward(q, k, v, out, lse, allowed)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        q, k, v, out, lse = ctx.saved_tensors
-        T = q.size(-2)
+        q, k, v, out, lse, allowed = ctx.saved_tensors
         scale = 1 / math.sqrt(q.size(-1))
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
         # probabilities in fp32, as the kernel's own softmax; matmuls in the inputs' dtype
         scores = (q @ k.transpose(-1, -2)).float() * scale
-        probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(future, 0.0)
+        probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(~allowed, 0.0)
         grad_v = probs.to(q.dtype).transpose(-1, -2) @ grad_out
         grad_probs = (grad_out @ v.transpose(-1, -2)).float()
         # softmax backward: dS = P * (dP - rowsum(dO * O))
         row_dot = (grad_out.float() * out.float()).sum(-1, keepdim=True)
         grad_scores = (probs * (grad_probs - row_dot) * scale).to(q.dtype)
-        return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, grad_v
+        return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, grad_v, None
 
 
 def use_varlen_attention(device: torch.device) -> bool:
