@@ -151,6 +151,33 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
         return torch.optim.AdamW(groups, **kwargs)
 
 
+def apply_update(
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    grad_norm: torch.Tensor,
+    step_loss: torch.Tensor,
+) -> torch.Tensor:
+    """The optimizer step, skipped when the loss or the gradients are not finite (so no NaN
+    reaches the weights). Returns that verdict as a device tensor, without waiting for the device:
+    fused AdamW skips on the device (its found_inf input), and under fp16 the loss scaler does.
+    Only a non-fused optimizer makes the host read the verdict (free on CPU).
+    """
+    if accelerator.scaler is not None:
+        # fp16: the scaler skips a step whose scaled gradients overflowed and lowers its scale,
+        # which is routine; only a non-finite loss counts as a bad step
+        optimizer.step()
+        return torch.isfinite(accelerator.reduce(step_loss, "sum"))
+    # a non-finite loss makes the gradient norm non-finite too
+    finite = torch.isfinite(grad_norm)
+    inner = getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's wrapper
+    if inner.defaults.get("fused"):
+        inner.found_inf = (~finite).float()
+        optimizer.step()
+    elif finite:
+        optimizer.step()
+    return finite
+
+
 def total_steps(recipe: Recipe, words_per_token: float | None = None) -> int:
     """Optimizer steps of the run, from max_steps, max_tokens or the words-seen bound."""
     tokens_per_step = recipe.train.batch_size * recipe.seq_len
@@ -505,7 +532,28 @@ def _train(
     started = time.perf_counter() - state["seconds"]
     interval_start, interval_tokens = time.perf_counter(), 0
     loss_acc = torch.zeros((), device=accelerator.device)
-    steps_acc = 0
+    finite_steps = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    skipped_steps = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    last_skipped = torch.zeros((), dtype=torch.long, device=accelerator.device)
+
+    def settle_skipped_steps(progress: TrainProgress) -> None:
+        """Account for the updates skipped since the last call (read from the device), and stop
+        the run once more than train.skip_nonfinite were."""
+        skipped = int(skipped_steps.item())
+        if skipped == 0:
+            return
+        skipped_steps.zero_()
+        state["skipped_steps"] += skipped
+        last = int(last_skipped.item())
+        if state["skipped_steps"] > cfg.skip_nonfinite:
+            raise LmpError(
+                f"non-finite loss or gradients at step {last} ({state['skipped_steps']} so far, "
+                f"train.skip_nonfinite is {cfg.skip_nonfinite}); lower optim.lr, lengthen "
+                f"schedule.warmup or use precision fp32. Checkpoints saved so far are finite."
+            )
+        where = f"step {last}" if skipped == 1 else f"{skipped} steps up to step {last}"
+        progress.print(f"{where}: non-finite loss or gradients, update skipped")
+
     stopped = False
     model.train()
     with TrainProgress(console, steps, step, enabled=is_main) as progress:
@@ -532,23 +580,15 @@ def _train(
             lr = recipe.optim.lr * schedule(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # a non-finite loss makes the gradient norm non-finite too; this check is the
-            # step's one host sync (free on CPU), and it keeps NaNs out of the weights
-            if torch.isfinite(grad_norm):
-                optimizer.step()
-                if averager is not None and averager.due(step + 1):
-                    averager.update(core)
-                loss_acc += step_loss
-                steps_acc += 1
-            else:
-                state["skipped_steps"] += 1
-                if state["skipped_steps"] > cfg.skip_nonfinite:
-                    raise LmpError(
-                        f"non-finite loss or gradients at step {step + 1} ({state['skipped_steps']} so far, "
-                        f"train.skip_nonfinite is {cfg.skip_nonfinite}); lower optim.lr, lengthen "
-                        f"schedule.warmup or use precision fp32. Checkpoints saved so far are finite."
-                    )
-                progress.print(f"step {step + 1}: non-finite loss or gradients, update skipped")
+            finite = apply_update(optimizer, accelerator, grad_norm, step_loss)
+            # the averaged weights also sample a step whose update was skipped (the same weights)
+            if averager is not None and averager.due(step + 1):
+                averager.update(core)
+            # counted on the device and read at log and checkpoint steps (settle_skipped_steps)
+            loss_acc += torch.where(finite, step_loss, 0.0)
+            finite_steps += finite
+            skipped_steps += ~finite
+            last_skipped = torch.where(finite, last_skipped, step + 1)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             state["samples"] += cfg.batch_size
@@ -558,8 +598,9 @@ def _train(
 
             record = None
             if step % cfg.log_every == 0 or step == steps:
+                settle_skipped_steps(progress)
                 # the loss is fetched from the device once per log interval, not every step
-                mean_loss = accelerator.reduce(loss_acc, "mean").item() / max(1, steps_acc)
+                mean_loss = accelerator.reduce(loss_acc, "mean").item() / max(1, int(finite_steps.item()))
                 now = time.perf_counter()
                 record = {
                     "step": step,
@@ -574,7 +615,7 @@ def _train(
                 }
                 data_wait = 0.0
                 loss_acc.zero_()
-                steps_acc = 0
+                finite_steps.zero_()
                 interval_start, interval_tokens = now, 0
             validate = step % cfg.eval_every == 0 or step == steps
             zero_shot = evaluator is not None and (step % eval_every == 0 or step == steps)
@@ -618,6 +659,7 @@ def _train(
             crossed = [m for m in pending_milestones if m <= state["words"]]
             due = step % recipe.checkpoint.every == 0 or step == steps or stopped
             if due or crossed:
+                settle_skipped_steps(progress)
                 state["step"] = step
                 state["seconds"] = time.perf_counter() - started
             for words in crossed:  # BabyLM milestones, named by words seen and always kept
