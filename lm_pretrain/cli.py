@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +52,24 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _launch_processes(nproc: int, command: list[str]) -> int:
+    """Run `python <command>` in `nproc` processes through torch's launcher (as accelerate launch
+    does); the exit code of the first process that failed, else 0. The launcher's own traceback
+    is left out: each process has printed its error already."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as launch
+
+    launch_args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", *command])
+    try:
+        launch(launch_args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        err_console.print(f"[bold red]error:[/] training process {rank} exited with code {failure.exitcode}")
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
 @app.command()
 @user_errors
 def train(
@@ -79,13 +96,16 @@ def train(
     A run folder that already holds checkpoints is resumed from the newest one. SIGTERM or
     SIGUSR1 stops after the current step with a checkpoint and exit code 75.
     """
+    from lm_pretrain.data.prepare import prepare_data
     from lm_pretrain.recipe import load_recipe
-    from lm_pretrain.train.trainer import EXIT_STOPPED, Branch
+    from lm_pretrain.train.trainer import EXIT_STOPPED, Branch, plan_start
     from lm_pretrain.train.trainer import train as run_training
 
     loaded = load_recipe(recipe, set_)
     branch = None
     if branch_from is not None:
+        if decay_fraction == 0:
+            raise LmpError("--decay-fraction must be above 0 (0.1 to 0.2 is usual)")
         if decay_steps is not None and decay_fraction is not None:
             raise LmpError("give one of --decay-steps and --decay-fraction, not both")
         branch = Branch(branch_from, decay_steps, decay_fraction)
@@ -99,14 +119,11 @@ def train(
         args += ["--branch-from", str(branch_from)] if branch_from else []
         args += ["--decay-steps", str(decay_steps)] if decay_steps is not None else []
         args += ["--decay-fraction", str(decay_fraction)] if decay_fraction is not None else []
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-        ]
-        code = subprocess.run([*launcher, "-m", "lm_pretrain.cli", "train", *args]).returncode
+        # refusals and data errors once, here, rather than once per process behind tracebacks;
+        # the processes then find the tokenizer and shards in the cache
+        plan_start(loaded, run_dir, branch, resume)
+        prepare_data(loaded, console=console)
+        code = _launch_processes(nproc, ["-m", "lm_pretrain.cli", "train", *args])
         status = run_dir / "status.json"
         # the launcher reports any worker's non-zero exit as a failure; a stop keeps its own code
         if code and status.is_file() and json.loads(status.read_text()).get("state") == "stopped":
@@ -140,6 +157,8 @@ def export(
     """Export a run's BabyLM milestone checkpoints for submission."""
     from lm_pretrain.milestones import export_milestones
 
+    if milestones.exists() and not milestones.is_dir():
+        raise LmpError(f"--milestones {milestones} is a file; give a folder to write the milestones into")
     written = export_milestones(run, milestones, git)
     for folder in written:
         console.print(f"  {folder}", highlight=False)
@@ -202,7 +221,7 @@ def generate(
     from lm_pretrain.generate import generate as sample
 
     prefix = prefix.replace("\\n", "\n")  # so that --prefix 'childes\n\n' means two newlines
-    console.print(sample(model, prompt, max_new_tokens, temperature, top_k, seed, prefix), highlight=False)
+    typer.echo(sample(model, prompt, max_new_tokens, temperature, top_k, seed, prefix))  # verbatim
 
 
 @app.command("eval")
@@ -229,6 +248,11 @@ def eval_(
     from lm_pretrain.eval.report import field_table, summary_table, task_table, write_json, write_predictions
     from lm_pretrain.eval.runner import evaluate, parse_tasks
 
+    # checked before the evaluation, which can take an hour, rather than after it
+    if json_out is not None and json_out.is_dir():
+        raise LmpError(f"--json {json_out} is a folder; give a file name, e.g. {json_out / 'scores.json'}")
+    if predictions is not None and predictions.exists() and not predictions.is_dir():
+        raise LmpError(f"--predictions {predictions} is a file; give a folder to write predictions into")
     chosen = parse_tasks(tasks, data_dir is not None)
     result = evaluate(
         model, chosen, data_dir, backend, fast, prefix, strict_ties, text, seed,
@@ -352,12 +376,12 @@ def bench(
         Path | None, typer.Argument(help="take the shapes from this recipe", show_default=False)
     ] = None,
     set_: SetOpt = None,
-    hidden: Annotated[int | None, typer.Option(help="hidden size (default 256)")] = None,
-    layers: Annotated[int | None, typer.Option(help="layers (default 4)")] = None,
-    heads: Annotated[int | None, typer.Option(help="attention heads (default 4)")] = None,
-    vocab: Annotated[int | None, typer.Option(help="vocabulary size (default 8192)")] = None,
-    seq: Annotated[int | None, typer.Option(help="sequence length (default 256)")] = None,
-    batch: Annotated[int | None, typer.Option(help="sequences per step (default 16)")] = None,
+    hidden: Annotated[int | None, typer.Option(min=1, help="hidden size (default 256)")] = None,
+    layers: Annotated[int | None, typer.Option(min=1, help="layers (default 4)")] = None,
+    heads: Annotated[int | None, typer.Option(min=1, help="attention heads (default 4)")] = None,
+    vocab: Annotated[int | None, typer.Option(min=1, help="vocabulary size (default 8192)")] = None,
+    seq: Annotated[int | None, typer.Option(min=1, help="sequence length (default 256)")] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="sequences per step (default 16)")] = None,
     steps: Annotated[int, typer.Option(min=1, help="timed steps per model, after 2 warm-up steps")] = 10,
     compile_: Annotated[
         bool, typer.Option("--compile/--no-compile", help="also time torch.compile'd lmp")

@@ -2,28 +2,78 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from lm_pretrain.errors import LmpError
 
+# one of these must be in a model folder (transformers' names, single file or sharded)
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
 
 def resolve_model_folder(path: Path) -> Path:
-    """A model folder itself, or for a run folder its final/ export, else its newest checkpoint."""
+    """A model folder itself, or for a run folder its final/ export, else its newest checkpoint;
+    checked so that a broken folder is named with its fix rather than a transformers traceback."""
+    if not path.exists():
+        raise LmpError(f"{path} does not exist; pass runs/<name>, runs/<name>/final or a model folder")
     if (path / "config.json").is_file():
-        return path
-    if (path / "final" / "config.json").is_file():
-        return path / "final"
-    from lm_pretrain.train.checkpoint import step_checkpoints
+        folder = path
+    elif (path / "final" / "config.json").is_file():
+        folder = path / "final"
+    else:
+        from lm_pretrain.train.checkpoint import step_checkpoints
 
-    checkpoints = step_checkpoints(path)
-    if checkpoints:
-        return checkpoints[-1]
-    raise LmpError(
-        f"{path} is not a model folder (no config.json), nor a run folder with final/ or checkpoints/; "
-        "pass runs/<name>/final, runs/<name>/checkpoints/step-<N>, or a transformers model folder"
-    )
+        checkpoints = step_checkpoints(path)
+        if not checkpoints:
+            raise LmpError(
+                f"{path} is not a model folder (no config.json), nor a run folder with final/ or "
+                "checkpoints/; pass runs/<name>/final, runs/<name>/checkpoints/step-<N>, or a "
+                "transformers model folder"
+            )
+        folder = checkpoints[-1]
+    check_model_folder(folder)
+    return folder
+
+
+def check_model_folder(folder: Path) -> None:
+    """Raise LmpError for the broken folders people meet: a bad config, weights missing or cut
+    short by an interrupted copy, no tokenizer."""
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LmpError(
+            f"{config_path} cannot be read as JSON ({exc}); restore it or export the model again"
+        ) from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise LmpError(f"{config_path} has no model_type, so it is not a transformers model config")
+    if not any((folder / name).is_file() for name in _WEIGHT_FILES):
+        raise LmpError(
+            f"{folder} holds no weights ({', '.join(_WEIGHT_FILES[:2])}); copy the folder again, or "
+            "export a checkpoint with lmp export"
+        )
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise LmpError(
+                f"{path} is damaged ({exc}), perhaps by a copy cut short; copy it again, or export "
+                "the model again from its checkpoint"
+            ) from None
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise LmpError(
+            f"{folder} holds no tokenizer (tokenizer.json); lmp saves one with every model, so copy "
+            "it from the run's tokenizer/ folder"
+        )
 
 
 def generate(

@@ -6,6 +6,7 @@ Every recipe field is validated here and nowhere else. A recipe is frozen once l
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -301,6 +302,10 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in chain:
         raise LmpError(f"recipe {path} extends itself (chain: {' -> '.join(map(str, chain))})")
+    if path.is_dir() and (path / "recipe.yaml").is_file():
+        raise LmpError(
+            f"{path} is a run folder, not a recipe; to resume it: lmp train {path / 'recipe.yaml'} --out {path}"
+        )
     if not path.is_file():
         raise LmpError(f"recipe file {path} does not exist")
     try:
@@ -314,6 +319,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         return raw
     if not isinstance(parent, str):
         raise LmpError(f"{path}: extends must be a path to another recipe, got {parent!r}")
+    if not (path.parent / parent).is_file():
+        raise LmpError(f"{path}: extends {parent!r}, but {path.parent / parent} does not exist")
     base = _read_yaml(path.parent / parent, chain + (path,))
     return _deep_merge(base, raw)
 
@@ -350,8 +357,16 @@ def _fields_at(loc: tuple) -> list[str]:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             break
-        model = field.annotation
+        model = _section_type(field.annotation)
     return list(getattr(model, "model_fields", {}))
+
+
+def _section_type(annotation: Any) -> Any:
+    """The Section class inside an annotation such as `EvalConfig | None`."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return annotation
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -376,6 +391,22 @@ def validate_recipe(raw: dict, source: str = "<recipe>") -> Recipe:
         return Recipe.model_validate(raw)
     except ValidationError as err:
         raise LmpError(_format_errors(err, source)) from None
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {prefix: None} if not node and prefix else {}
+    for key, value in node.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def recipe_changes(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
+    """(field, old value, new value) for every leaf field where `new` differs from `old`."""
+    before, after = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    keys = sorted(set(before) | set(after))
+    return [(k, before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)]
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

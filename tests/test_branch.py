@@ -67,6 +67,35 @@ def test_decay_branches_from_a_stable_checkpoint(bible_corpus, tmp_path):
     invoke(["train", *args, "--branch-from", str(ckpt), "--decay-fraction", "0.2", "--out", str(frac)])
     assert json.loads((frac / "branch.json").read_text())["decay_steps"] == 5
 
+    # the branch's decay starts from the parent's LR, even when the branch recipe has its own
+    # final decay (under which step 40 would already be at LR 0)
+    end = tmp_path / "end"
+    plain = tiny_run_args(bible_corpus, cache, 40, **{**stable, "schedule.decay": 0.2})
+    end_ckpt = main / "checkpoints" / "step-40"
+    invoke(["train", *plain, "--branch-from", str(end_ckpt), "--decay-steps", "4", "--out", str(end)])
+    first = next(r for r in metrics(end) if "lr" in r)
+    assert first["step"] == 41 and first["lr"] == pytest.approx(peak * (1 - (1 / 4) ** 0.5))
+
+    # refused, naming the field, leaving every folder as it was: a resume with another learning
+    # rate, a branch with another model, and a branch resumed with another decay length
+    lr_args = tiny_run_args(bible_corpus, cache, 40, **stable, **{"optim.lr": 1e-3})
+    deeper = tiny_run_args(bible_corpus, cache, 40, **stable, **{"model.num_layers": 3})
+    refusals = [
+        ([*lr_args, "--out", str(main)], main, "optim.lr"),
+        ([*deeper, "--branch-from", str(ckpt), "--out", str(tmp_path / "other")], main, "model.num_layers"),
+        (
+            [*args, "--branch-from", str(ckpt), "--decay-steps", "12", "--out", str(branch)],
+            branch,
+            "decay_steps 10",
+        ),
+    ]
+    for command, run, named in refusals:
+        digest = tree_digest(run)
+        result = CliRunner().invoke(app, ["train", *command])
+        assert result.exit_code == 2 and named in result.output, result.output
+        assert tree_digest(run) == digest
+    assert not (tmp_path / "other").exists()
+
 
 def test_branch_flag_errors(bible_corpus, tmp_path):
     args = tiny_run_args(bible_corpus, tmp_path / "cache", 10)

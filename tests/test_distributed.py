@@ -140,3 +140,27 @@ def test_compiled_model_trains_and_saves_with_two_processes(bible_corpus, tmp_pa
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3", "step-6"]
     # saved under transformers' names (not the compiled wrapper's), so it loads as is
     AutoModelForCausalLM.from_pretrained(run / "final", local_files_only=True)
+
+
+def test_user_errors_under_nproc_are_one_line_not_tracebacks(bible_corpus, tmp_path):
+    cases = [
+        ({"data.path": tmp_path / "missing.jsonl"}, "missing.jsonl does not exist"),  # before launching
+        ({"eval.tasks": "[blimp]", "eval.data_dir": tmp_path}, "no data for task blimp"),  # in each process
+    ]
+    for sets, named in cases:
+        args = tiny_run_args(bible_corpus, tmp_path / "cache", 4, **SETS, **sets)
+        cmd = [
+            sys.executable,
+            "-m",
+            "lm_pretrain.cli",
+            "train",
+            *args,
+            "--out",
+            str(tmp_path / "run"),
+            "--nproc",
+            "2",
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        output = done.stdout + done.stderr
+        assert done.returncode == 2 and named in output, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -363,3 +364,45 @@ def test_shared_context_runs_once_and_scores_the_same(causal):
     assert sum(len(g) for g in groups.values()) == 1  # the story is one shared prefix (duplicates merged)
     shared = score_candidates(causal, sentences, completions, group_sizes=[3, 3])
     np.testing.assert_allclose(shared, score_one_at_a_time(causal, sentences, completions), atol=1e-4)
+
+
+def test_broken_model_folders_are_named_with_their_fix(tiny_run, tmp_path):
+    import shutil
+
+    def broken(name: str, damage) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(tiny_run / "final", folder)
+        damage(folder)
+        return folder
+
+    cases = {
+        "no weights": broken("a", lambda f: (f / "model.safetensors").unlink()),
+        "is damaged": broken("b", lambda f: os.truncate(f / "model.safetensors", 1000)),
+        "cannot be read as JSON": broken("c", lambda f: (f / "config.json").write_text("{bad")),
+        "no tokenizer": broken("d", lambda f: [p.unlink() for p in f.glob("tokenizer*")]),
+    }
+    for named, folder in cases.items():
+        for command in (["eval", str(folder), "--tasks", "probe"], ["generate", str(folder)]):
+            result = CliRunner().invoke(app, command)
+            assert result.exit_code == 2 and named in result.output, (command, result.output)
+    # a causal model under a masked backend: the message says which backend fits
+    result = CliRunner().invoke(app, ["eval", str(tiny_run), "--tasks", "probe", "--backend", "mntp"])
+    assert result.exit_code == 2 and "use --backend causal" in result.output
+
+
+def test_output_paths_are_checked_before_evaluating(tiny_run, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    result = CliRunner().invoke(app, ["eval", str(tiny_run), "--tasks", "probe", "--json", str(tmp_path)])
+    assert result.exit_code == 2 and "is a folder" in result.output and "accuracy" not in result.output
+    result = CliRunner().invoke(
+        app, ["eval", str(tiny_run), "--tasks", "probe", "--predictions", str(a_file)]
+    )
+    assert result.exit_code == 2 and "is a file" in result.output
+
+
+def test_generate_prints_text_verbatim(tiny_run):
+    prompt = "In the [/i] beginning [bold]"
+    result = CliRunner().invoke(app, ["generate", str(tiny_run), "--prompt", prompt, "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(prompt)

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -27,6 +28,21 @@ def test_typo_names_path_and_close_match():
     msg = str(exc.value)
     assert "train.max_step" in msg
     assert "did you mean 'max_steps'" in msg
+
+
+@pytest.mark.parametrize(
+    "raw, suggestion",
+    [
+        ({"eval": {"task": ["probe"]}}, "tasks"),
+        ({"train": {"average": {"kynd": "ema"}}}, "kind"),
+        ({"data": {"metadata": {"feld": "source"}}}, "field"),
+    ],
+)
+def test_typo_inside_an_optional_section(raw, suggestion):
+    with pytest.raises(LmpError) as exc:
+        validate_recipe({"name": "x", **raw})
+    assert f"did you mean '{suggestion}'" in str(exc.value)
+    assert "allowed here: )" not in str(exc.value)
 
 
 def test_top_level_typo():
@@ -93,6 +109,13 @@ def test_extends_cycle_and_missing(tmp_path):
         load_recipe(tmp_path / "a.yaml")
     with pytest.raises(LmpError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
+    write(tmp_path / "c.yaml", {"extends": "gone.yaml", "name": "c"})
+    with pytest.raises(LmpError, match="c.yaml: extends 'gone.yaml'"):
+        load_recipe(tmp_path / "c.yaml")
+    run = tmp_path / "run"
+    write(run / "recipe.yaml", {"name": "r"})
+    with pytest.raises(LmpError, match="is a run folder"):
+        load_recipe(run)
 
 
 def test_bad_override_syntax(tmp_path):

@@ -18,6 +18,7 @@ token prefix (EWoK, entity tracking) run the prefix once and reuse its key/value
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,14 +64,11 @@ def load_scoring_model(folder: Path, backend: str = "causal", device: str | None
             folder, padding_side="right", trust_remote_code=True, local_files_only=True
         )
         model = auto.from_pretrained(folder, trust_remote_code=True, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        hint = (
-            "a masked or hybrid model needs --backend mlm or mntp"
-            if backend == "causal"
-            else "AutoModelForMaskedLM must load it: a causal decoder needs --backend causal, a hybrid "
-            "model must register its modeling file under auto_map in config.json"
-        )
-        raise LmpError(f"cannot load {folder} for the {backend} backend ({exc}); {hint}") from None
+    except Exception as exc:  # transformers raises many kinds; the user needs one line
+        first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise LmpError(
+            f"cannot load {folder} for the {backend} backend: {first_line}{_load_hint(folder, backend)}"
+        ) from None
     if not getattr(tokenizer, "is_fast", False):
         raise LmpError(
             f"{folder}: the tokenizer is not a fast tokenizer, and scoring needs character offsets; "
@@ -81,6 +79,20 @@ def load_scoring_model(folder: Path, backend: str = "causal", device: str | None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(dev).eval()
     return ScoringModel(model, tokenizer, backend, Path(folder), dev)
+
+
+def _load_hint(folder: Path, backend: str) -> str:
+    """A fix when the config says which auto class the model was saved for, and it is not ours."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    classes = " ".join(config.get("architectures") or []) + " " + " ".join(config.get("auto_map") or {})
+    if backend == "causal" and "MaskedLM" in classes and "CausalLM" not in classes:
+        return "; it is a masked or hybrid model: use --backend mntp or mlm"
+    if backend != "causal" and "MaskedLM" not in classes:
+        return "; it is a causal decoder: use --backend causal"
+    return ""
 
 
 def scored_positions(

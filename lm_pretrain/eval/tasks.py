@@ -192,7 +192,8 @@ def locate(task: str, data_dir: Path, fast: bool = False) -> Path:
         return data_dir
     raise LmpError(
         f"no data for task {task} under {data_dir} (looked for {', '.join(str(t) for t in tried)}); "
-        f"pass --data-dir pointing at the BabyLM evaluation_data folder, or leave {task} out of --tasks"
+        f"point --data-dir (eval.data_dir in a recipe) at the BabyLM evaluation_data folder, or leave "
+        f"{task} out of the tasks"
     )
 
 

@@ -41,7 +41,7 @@ from lm_pretrain.errors import LmpError
 from lm_pretrain.milestones import milestone_name, milestone_words
 from lm_pretrain.model.decoder import Decoder, DecoderConfig, use_varlen_attention
 from lm_pretrain.plot import write_run_plot
-from lm_pretrain.recipe import OptimConfig, Recipe
+from lm_pretrain.recipe import OptimConfig, Recipe, load_recipe, recipe_changes
 from lm_pretrain.track import MetricsSink, TrainProgress, truncate_metrics, write_status
 from lm_pretrain.train import sharding
 from lm_pretrain.train.checkpoint import (
@@ -61,8 +61,31 @@ EXIT_STOPPED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 AVERAGE_FILE = "average.pt"
 SCALER_FILE = "scaler.pt"
-# recipe sections that must match to resume a run folder (training lengths may change)
-_RESUME_MUST_MATCH = ("seed", "data", "tokenizer", "model", "objective", "hybrid")
+# recipe fields a resumed run may change: how long it trains, what it reports, how it runs here.
+# Everything else (data, tokenizer, model, objective, optimizer, schedule, batch) must match.
+_RESUME_MAY_CHANGE = (
+    "name",
+    "data.cache_dir",
+    "train.max_steps",
+    "train.max_tokens",
+    "train.max_words_seen",
+    "train.micro_batch_size",
+    "train.precision",
+    "train.compile",
+    "train.distributed",
+    "train.activation_checkpointing",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_tokens",
+    "train.num_threads",
+    "train.data_worker",
+    "train.skip_nonfinite",
+    "eval",
+    "checkpoint",
+    "tracking",
+)
+# a branch may also change the schedule: a decay starts from the parent's LR, a fork follows its own
+_BRANCH_MAY_CHANGE = (*_RESUME_MAY_CHANGE, "schedule")
 
 
 @dataclass
@@ -243,20 +266,23 @@ def validation_loss(
     return (loss_sum / count).item()
 
 
-def _check_resumable(recipe: Recipe, run_dir: Path) -> None:
-    saved_path = run_dir / "recipe.yaml"
+def _changes_allowed(
+    recipe: Recipe, saved_path: Path, may_change: tuple[str, ...], refusal: str
+) -> list[tuple[str, Any, Any]]:
+    """The changes from the recipe saved at `saved_path`; LmpError(refusal + the fields) when any
+    field outside `may_change` differs."""
     if not saved_path.is_file():
-        return
-    import yaml
-
-    saved = yaml.safe_load(saved_path.read_text())
-    now = recipe.model_dump(mode="json")
-    changed = [key for key in _RESUME_MUST_MATCH if saved.get(key) != now.get(key)]
-    if changed:
-        raise LmpError(
-            f"{run_dir} holds checkpoints of a run whose recipe differs in {', '.join(changed)}; "
-            f"resume it with its own recipe ({saved_path}) or train into a new folder with --out"
-        )
+        return []
+    changes = recipe_changes(load_recipe(saved_path), recipe)
+    blocked = [
+        (key, old, new)
+        for key, old, new in changes
+        if not any(key == p or key.startswith(p + ".") for p in may_change)
+    ]
+    if blocked:
+        listed = "\n".join(f"  {key}: {old!r} there, {new!r} now" for key, old, new in blocked)
+        raise LmpError(f"{refusal}\n{listed}")
+    return changes
 
 
 def _start_state(run_dir: Path, branch: Branch | None, resume: bool) -> tuple[Path | None, dict | None]:
@@ -267,6 +293,14 @@ def _start_state(run_dir: Path, branch: Branch | None, resume: bool) -> tuple[Pa
     if existing:
         if branch is not None and record is None:
             raise LmpError(f"{run_dir} already holds a run; give the branch its own folder with --out")
+        if branch is not None and (
+            branch.checkpoint.resolve() != Path(record["checkpoint"])
+            or branch.resolve_decay(record["parent_step"]) != record["decay_steps"]
+        ):
+            raise LmpError(
+                f"{run_dir} holds a branch from {record['checkpoint']} with decay_steps "
+                f"{record['decay_steps']}; resume it with those, or give this branch its own folder with --out"
+            )
         return existing[-1], record
     if resume:
         raise LmpError(f"--resume: {run_dir} holds no checkpoint to resume from")
@@ -287,6 +321,47 @@ def _start_state(run_dir: Path, branch: Branch | None, resume: bool) -> tuple[Pa
     return branch.checkpoint, record
 
 
+@dataclass
+class StartPlan:
+    """Where a run starts: the checkpoint to load (None: from scratch), the branch record, the
+    recipe fields changed since the run's last attempt, and the parent's recipe of a branch."""
+
+    checkpoint: Path | None
+    branch_record: dict | None
+    changes: list[tuple[str, Any, Any]]
+    parent_recipe: Recipe | None
+
+
+def plan_start(recipe: Recipe, run_dir: Path, branch: Branch | None, resume: bool) -> StartPlan:
+    """Decide where training starts, refusing (LmpError) a recipe that does not fit the run folder
+    or the branch's parent. Writes nothing."""
+    checkpoint, branch_record = _start_state(run_dir, branch, resume)
+    changes = []
+    if checkpoint is not None and checkpoint.parent.parent == run_dir:
+        saved = run_dir / "recipe.yaml"
+        changes = _changes_allowed(
+            recipe,
+            saved,
+            _RESUME_MAY_CHANGE,
+            f"{run_dir} holds a run whose recipe differs from this one; resume it with its own "
+            f"recipe (lmp train {saved} --out {run_dir}; lengths, evaluation, checkpointing and "
+            f"tracking may change with --set), or train this recipe into a new folder with --out:",
+        )
+    parent_recipe = None
+    if branch_record is not None:
+        parent_saved = Path(branch_record["parent_run"]) / "recipe.yaml"
+        _changes_allowed(
+            recipe,
+            parent_saved,
+            _BRANCH_MAY_CHANGE,
+            f"a branch continues its parent's data, model and optimizer, but this recipe differs "
+            f"from the parent's ({parent_saved}); branch with that recipe:",
+        )
+        parent_recipe = load_recipe(parent_saved) if parent_saved.is_file() else recipe
+
+    return StartPlan(checkpoint, branch_record, changes, parent_recipe)
+
+
 def train(
     recipe: Recipe,
     run_dir: Path,
@@ -304,7 +379,8 @@ def train(
         with StopFlag() as stop:
             result = _train(recipe, run_dir, console, branch, resume, stop)
     except BaseException as exc:
-        if is_main and run_dir.is_dir():
+        # only a run this process started is failed; a refused command leaves the folder as it was
+        if is_main and _started_here(run_dir):
             write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
         raise
     if is_main:
@@ -313,6 +389,14 @@ def train(
         else:
             write_status(run_dir, "finished", step=result.steps)
     return result
+
+
+def _started_here(run_dir: Path) -> bool:
+    try:
+        status = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return status.get("state") == "running" and status.get("pid") == os.getpid()
 
 
 def _train(
@@ -334,9 +418,8 @@ def _train(
     seq_len = recipe.seq_len
     tokens_per_step = cfg.batch_size * seq_len
 
-    start_from, branch_record = _start_state(run_dir, branch, resume)
-    if start_from is not None and start_from.parent.parent == run_dir:
-        _check_resumable(recipe, run_dir)
+    plan = plan_start(recipe, run_dir, branch, resume)
+    start_from, branch_record = plan.checkpoint, plan.branch_record
 
     with accelerator.main_process_first():
         data = prepare_data(recipe, console=console if is_main else None, show_progress=is_main)
@@ -348,11 +431,16 @@ def _train(
     if branch_record is not None and branch_record["decay_steps"] is not None:
         start = branch_record["parent_step"]
         steps = start + branch_record["decay_steps"]
-        base = make_schedule(recipe.schedule, main_steps, tokens_per_step)
+        if "start_lr_ratio" not in branch_record:
+            # the LR the parent's own schedule has at the branch point, fixed when the branch starts
+            parent = make_schedule(
+                plan.parent_recipe.schedule, total_steps(plan.parent_recipe, words_per_token), tokens_per_step
+            )
+            branch_record["start_lr_ratio"] = parent(start)
         decay = Decay(
             start,
             branch_record["decay_steps"],
-            base(start),
+            branch_record["start_lr_ratio"],
             recipe.schedule.min_lr_ratio,
             recipe.schedule.decay_shape,
         )
@@ -420,6 +508,8 @@ def _train(
         if start_from is not None:
             verb = "resuming" if branch is None else "branching"
             console.print(f"{verb} from {start_from} (step {state['step']})")
+            for key, before, now in plan.changes:
+                console.print(f"  changed {key}: {before!r} -> {now!r}", highlight=False)
         # drop whatever a killed earlier attempt logged after the state we start from
         truncate_metrics(run_dir, state["step"] if start_from is not None else -1)
     # the plain Decoder, sharing its parameters with the DDP / compiled wrappers: what is saved,
