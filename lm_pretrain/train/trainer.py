@@ -645,6 +645,7 @@ def _train(
         progress.print(f"{where}: non-finite loss or gradients, update skipped")
 
     stopped = False
+    stop_vote = StopVote(world)
     model.train()
     with TrainProgress(console, steps, step, enabled=is_main) as progress:
         while step < steps:
@@ -745,7 +746,7 @@ def _train(
             else:
                 progress.update(step)
 
-            stopped = _any_process(stop.signum is not None, accelerator)
+            stopped = stop_vote(stop.signum is not None)
             crossed = [m for m in pending_milestones if m <= state["words"]]
             due = step % recipe.checkpoint.every == 0 or step == steps or stopped
             if due or crossed:
@@ -797,9 +798,23 @@ def _train(
     )
 
 
-def _any_process(flag: bool, accelerator: Accelerator) -> bool:
-    """True on every process when any one of them got a stop signal, so all stop at one step."""
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, "sum").item() > 0)
+class StopVote:
+    """Whether any process got a stop signal, agreed by all without a device sync per step: each
+    step's vote is summed on a CPU (gloo) group in the background and read one step later, so
+    every process stops at the same step, one step after the first signal."""
+
+    def __init__(self, num_processes: int) -> None:
+        self.group = torch.distributed.new_group(backend="gloo") if num_processes > 1 else None
+        self.votes = torch.zeros(1)
+        self.pending: Any = None
+
+    def __call__(self, flag: bool) -> bool:
+        if self.group is None:
+            return flag
+        if self.pending is not None:
+            self.pending.wait()
+            if self.votes.item() > 0:
+                return True
+        self.votes = torch.tensor([1.0 if flag else 0.0])
+        self.pending = torch.distributed.all_reduce(self.votes, group=self.group, async_op=True)
+        return False
