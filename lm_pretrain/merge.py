@@ -156,10 +156,11 @@ def read_input(folder: Path) -> MergeInput:
     state = _read_json(folder / STATE_FILE) or _read_json(folder / PROVENANCE_FILE) or {}
     if isinstance(state.get("step"), int):
         item.step = state["step"]
-    if isinstance(state.get("val_loss"), int | float):
+    # The trainer records its latest evaluation in each checkpoint; it is this checkpoint's own
+    # only when measured at this step (eval_every need not divide checkpoint.every).
+    if isinstance(state.get("val_loss"), int | float) and state.get("val_loss_step") == item.step:
         item.val_loss = float(state["val_loss"])
-    # The trainer records the latest evaluation in each checkpoint, which is stale when eval_every
-    # does not divide checkpoint.every. The run's metrics.jsonl says which steps were evaluated.
+    # inside a run, its metrics.jsonl says which steps were evaluated
     logged = _logged_val_losses(folder.parent.parent) if folder.parent.name == "checkpoints" else None
     if logged is not None and item.step is not None:
         item.val_loss = logged.get(item.step)

@@ -120,6 +120,19 @@ class ScheduleConfig(Section):
     cooldown: float = Field(0.1, ge=0, description="infinite: cosine cooldown after warmup")
     constant_lr_ratio: float = Field(0.25, gt=0, le=1, description="infinite: the long constant stage")
 
+    @model_validator(mode="after")
+    def _stages_fit(self) -> ScheduleConfig:
+        # fractions can be checked here; counts only once the number of training steps is known
+        stages = {"warmup": self.warmup}
+        if self.kind == "infinite":
+            stages["cooldown"] = self.cooldown
+        if self.kind in ("wsd", "infinite"):
+            stages["decay"] = self.decay
+        if all(v < 1 for v in stages.values()) and sum(stages.values()) > 1:
+            named = " + ".join(f"{k} {v:g}" for k, v in stages.items())
+            raise ValueError(f"{named} add up to more than all of training; shorten them")
+        return self
+
 
 class AverageConfig(Section):
     """A weight average kept during training and evaluated beside the raw weights (val_loss_avg),

@@ -20,6 +20,24 @@ def test_babylm_layout_reads_train_files_only(tmp_path):
     assert all(len(d.text.split("\n")) == 50 for d in childes[:-1])  # blocks of 50 lines
 
 
+def test_babylm_folder_mistakes_are_named(tmp_path):
+    # the whole download: train_10M and train_100M side by side must not be mixed
+    write_babylm_folder(tmp_path / "all" / "train_10M", 2_000)
+    write_babylm_folder(tmp_path / "all" / "train_100M", 3_000)
+    with pytest.raises(LmpError, match="in 2 folders.*point data.path at the one folder"):
+        read_corpus(DataConfig(path=str(tmp_path / "all")))
+    # a held-out folder alone is not a training corpus
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "childes.dev").write_text("a held out line\n")
+    with pytest.raises(LmpError, match="no <source>.train files.*training folder"):
+        read_corpus(DataConfig(path=str(tmp_path / "dev")))
+    # an empty .train file is a failed download, not a source to drop quietly
+    write_babylm_folder(tmp_path / "one", 2_000)
+    (tmp_path / "one" / "train" / "switchboard.train").write_text("")
+    with pytest.raises(LmpError, match=r"switchboard\.train is empty"):
+        read_corpus(DataConfig(path=str(tmp_path / "one")))
+
+
 def test_over_budget_is_an_error_naming_the_totals(tmp_path):
     write_babylm_folder(tmp_path / "babylm", 12_000)
     with pytest.raises(LmpError) as exc:

@@ -105,3 +105,19 @@ def test_branch_flag_errors(bible_corpus, tmp_path):
         app, ["train", *args, "--branch-from", str(tmp_path), "--out", str(tmp_path / "b")]
     )
     assert result.exit_code == 2 and "not an lmp checkpoint" in result.output
+
+
+def test_out_refuses_files_and_foreign_folders(bible_corpus, tmp_path):
+    args = tiny_run_args(bible_corpus, tmp_path / "cache", 10)
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me\n")
+    result = CliRunner().invoke(app, ["train", *args, "--out", str(target)])
+    assert result.exit_code == 2 and "is a file" in result.output, result.output
+    assert target.read_text() == "keep me\n"
+
+    foreign = tmp_path / "exported-model"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}\n")
+    result = CliRunner().invoke(app, ["train", *args, "--out", str(foreign)])
+    assert result.exit_code == 2 and "holds no lmp run" in result.output, result.output
+    assert sorted(p.name for p in foreign.iterdir()) == ["config.json"]

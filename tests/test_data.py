@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import math
@@ -154,6 +155,17 @@ def test_jsonl_bad_line(tmp_path):
     path.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c",\n')
     with pytest.raises(LmpError, match=rf"{re.escape(str(path))}:3: not valid JSON"):
         read_corpus(DataConfig(path=str(path)))
+
+
+def test_damaged_gzip_is_named(tmp_path):
+    whole = gzip.compress(b"".join(b'{"text": "line %d"}\n' % i for i in range(2000)))
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # an interrupted download
+    with pytest.raises(LmpError, match=r"cut\.jsonl\.gz is a damaged gzip file"):
+        read_corpus(DataConfig(path=str(tmp_path / "cut.jsonl.gz")))
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "notgz.txt.gz").write_bytes(b"plain text, not gzip\n")
+    with pytest.raises(LmpError, match=r"notgz\.txt\.gz is a damaged gzip file"):
+        read_corpus(DataConfig(path=str(tmp_path / "texts")))
 
 
 def test_corpus_path_errors(tmp_path):

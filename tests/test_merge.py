@@ -159,6 +159,24 @@ def test_stale_recorded_loss_is_rescored_like_the_trainer(run, tmp_path):
     assert scored == pytest.approx(recorded, abs=1e-4)  # the run's own scorer, same number
 
 
+def test_loss_recorded_at_another_step_is_rescored_outside_the_run(run, tmp_path):
+    # checkpoints copied out of their run: only trainer_state.json says when val_loss was measured
+    loose = []
+    for name in ("step-40", "step-50"):
+        shutil.copytree(run / "checkpoints" / name, tmp_path / name)
+        loose.append(tmp_path / name)
+    state_file = loose[0] / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    true_loss = state["val_loss"]
+    assert state["val_loss_step"] == state["step"] == 40
+    state.update(val_loss=99.0, val_loss_step=30)  # the latest evaluation was at an earlier step
+    state_file.write_text(json.dumps(state))
+    cli(["merge-checkpoints", *loose, "--method", "loss", "--run", run, "--out", tmp_path / "l"])
+    record = provenance(tmp_path / "l")["inputs"]
+    assert record[0]["val_loss"] == pytest.approx(true_loss, abs=1e-4)
+    assert record[1]["val_loss"] == json.loads((loose[1] / "trainer_state.json").read_text())["val_loss"]
+
+
 def test_greedy_soup_keeps_only_improvements(run, tmp_path):
     out = tmp_path / "soup"
     cli(["merge-checkpoints", "--run", run, "--last-k", 4, "--method", "greedy", "--out", out])

@@ -75,3 +75,18 @@ def test_branch_decay_overrides_from_its_start():
     assert schedule(59) == 1.0
     assert schedule(79) == pytest.approx(0.5)
     assert schedule(99) == pytest.approx(0.0)
+
+
+def test_stages_longer_than_training_are_refused():
+    from pydantic import ValidationError
+
+    from lm_pretrain.errors import LmpError
+
+    with pytest.raises(ValidationError, match="warmup 0.6 \\+ decay 0.5 add up to more than all"):
+        ScheduleConfig(kind="wsd", warmup=0.6, decay=0.5)
+    ScheduleConfig(kind="constant", warmup=0.6, decay=0.5)  # no decay stage: nothing to clash
+    with pytest.raises(LmpError, match="schedule.warmup 50 \\+ schedule.cooldown 40 \\+ schedule.decay 20"):
+        make_schedule(ScheduleConfig(kind="infinite", warmup=50, cooldown=40, decay=20), 100, 1)
+    make_schedule(ScheduleConfig(kind="infinite", warmup=50, cooldown=30, decay=20), 100, 1)
+    with pytest.raises(LmpError, match="exceed the 10 training steps"):
+        make_schedule(ScheduleConfig(kind="cosine", warmup=20), 10, 1)

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,14 +78,37 @@ def _read_all(cfg: DataConfig) -> list[Document]:
     if fmt == "jsonl":
         docs = [doc for f in files for doc in _read_jsonl(f, cfg)]
     elif fmt == "babylm":
-        train_files = [f for f in files if f.name.endswith(".train")]
-        if not train_files:
-            raise LmpError(f"data.path {path}: format babylm needs <source>.train files, found none")
-        docs = [doc for f in train_files for doc in _read_line_blocks(f, cfg.lines_per_document)]
+        docs = _read_babylm(path, files, cfg.lines_per_document)
     else:
+        held_out = [f for f in files if f.name.endswith((".dev", ".test"))]
+        if held_out and cfg.format == "auto":
+            raise LmpError(
+                f"data.path {path} holds BabyLM held-out files ({held_out[0].name}, ...) but no "
+                "<source>.train files; point data.path at the training folder (e.g. train_10M)"
+            )
         docs = [doc for f in files for doc in _read_text_file(f, cfg.lines_per_document)]
     if not docs:
-        raise LmpError(f"data.path {path}: the corpus has no documents (all files are empty)")
+        raise LmpError(f"data.path {path}: the corpus has no documents (its files hold no text)")
+    return docs
+
+
+def _read_babylm(path: Path, files: list[Path], lines_per_document: int) -> list[Document]:
+    train_files = [f for f in files if f.name.endswith(".train")]
+    if not train_files:
+        raise LmpError(f"data.path {path}: format babylm needs <source>.train files, found none")
+    folders = sorted({str(f.parent) for f in train_files})
+    if len(folders) > 1:
+        # e.g. the whole BabyLM download: train_10M and train_100M must not be mixed
+        raise LmpError(
+            f"data.path {path} holds .train files in {len(folders)} folders ({', '.join(folders[:3])}); "
+            "point data.path at the one folder to train on"
+        )
+    docs = []
+    for f in train_files:
+        blocks = _read_line_blocks(f, lines_per_document)
+        if not blocks:
+            raise LmpError(f"{f} is empty; re-download it, or remove it from the corpus folder")
+        docs += blocks
     return docs
 
 
@@ -118,6 +142,19 @@ def _read_text(path: Path) -> str:
         raise LmpError(
             f"{path} is not UTF-8 text; remove it from the data folder or convert it to UTF-8"
         ) from None
+    except _DAMAGED_GZIP as exc:
+        raise _damaged(path, exc) from None
+
+
+# what reading a truncated or corrupt .gz raises
+_DAMAGED_GZIP = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def _damaged(path: Path, exc: BaseException) -> LmpError:
+    return LmpError(
+        f"{path} is a damaged gzip file ({exc or type(exc).__name__}); download or compress it "
+        "again, or remove it from the corpus"
+    )
 
 
 def _read_line_blocks(path: Path, lines_per_document: int) -> list[Document]:
@@ -156,6 +193,8 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield from enumerate(f, start=1)
     except UnicodeDecodeError:
         raise LmpError(f"{path} is not UTF-8 text; a .jsonl corpus must be UTF-8") from None
+    except _DAMAGED_GZIP as exc:
+        raise _damaged(path, exc) from None
 
 
 def _read_jsonl(path: Path, cfg: DataConfig) -> list[Document]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lm_pretrain.errors import LmpError
 from lm_pretrain.recipe import ScheduleConfig
 
 
@@ -103,4 +104,16 @@ def make_schedule(
             return round(value * total_steps)
         return round(value / tokens_per_step) if cfg.unit == "tokens" else int(value)
 
-    return Schedule(cfg, total_steps, steps(cfg.warmup), steps(cfg.decay), steps(cfg.cooldown), branch)
+    warmup, decay, cooldown = steps(cfg.warmup), steps(cfg.decay), steps(cfg.cooldown)
+    stages = {"warmup": warmup}
+    if cfg.kind == "infinite":
+        stages["cooldown"] = cooldown
+    if cfg.kind in ("wsd", "infinite"):
+        stages["decay"] = decay
+    if sum(stages.values()) > total_steps:
+        named = " + ".join(f"schedule.{k} {v:,}" for k, v in stages.items())
+        raise LmpError(
+            f"{named} steps exceed the {total_steps:,} training steps; shorten them (values below 1 "
+            "are fractions of training) or train longer"
+        )
+    return Schedule(cfg, total_steps, warmup, decay, cooldown, branch)

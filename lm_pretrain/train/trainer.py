@@ -287,6 +287,13 @@ def _changes_allowed(
 
 def _start_state(run_dir: Path, branch: Branch | None, resume: bool) -> tuple[Path | None, dict | None]:
     """Which checkpoint to load, and the branch record of a branch run (new or resumed)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LmpError(f"--out {run_dir} is a file; give a folder for the run, e.g. runs/<name>")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not _is_run_folder(run_dir):
+        raise LmpError(
+            f"--out {run_dir} is not empty and holds no lmp run (no recipe.yaml or status.json); "
+            "train into a new folder so nothing in it is overwritten"
+        )
     existing = step_checkpoints(run_dir)
     branch_file = run_dir / "branch.json"
     record = json.loads(branch_file.read_text()) if branch_file.is_file() else None
@@ -319,6 +326,10 @@ def _start_state(run_dir: Path, branch: Branch | None, resume: bool) -> tuple[Pa
         "decay_steps": branch.resolve_decay(start_step),
     }
     return branch.checkpoint, record
+
+
+def _is_run_folder(path: Path) -> bool:
+    return (path / "recipe.yaml").is_file() or (path / "status.json").is_file()
 
 
 @dataclass
@@ -488,6 +499,7 @@ def _train(
         "tokens": 0,
         "words": 0,
         "val_loss": None,
+        "val_loss_step": None,  # the step val_loss was measured at: a checkpoint's own loss or not
         "first_val_loss": None,
         "seconds": 0.0,
         "skipped_steps": 0,
@@ -599,6 +611,7 @@ def _train(
         state["first_val_loss"] = state["val_loss"] = validation_loss(
             model, val_batches, accelerator, document_bos
         )
+        state["val_loss_step"] = 0
         sink.log({"step": 0, "tokens": 0, "val_loss": state["val_loss"]})
 
     step = state["step"]
@@ -712,6 +725,7 @@ def _train(
             zero_shot = evaluator is not None and (step % eval_every == 0 or step == steps)
             if validate:
                 state["val_loss"] = validation_loss(model, val_batches, accelerator, document_bos)
+                state["val_loss_step"] = step
                 record = {
                     **(record or {"step": step, "tokens": state["tokens"], "words": state["words"]}),
                     "val_loss": state["val_loss"],
