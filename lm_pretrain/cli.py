@@ -129,7 +129,14 @@ def train(
         if code and status.is_file() and json.loads(status.read_text()).get("state") == "stopped":
             code = EXIT_STOPPED
         sys.exit(code)
-    result = run_training(loaded, run_dir, console=console, branch=branch, resume=resume)
+    try:
+        result = run_training(loaded, run_dir, console=console, branch=branch, resume=resume)
+    except KeyboardInterrupt:
+        err_console.print(
+            f"\ninterrupted: nothing saved since the newest checkpoint in {run_dir}; "
+            "run the same command to resume from it"
+        )
+        sys.exit(130)
     if result.stopped_by_signal:
         sys.exit(EXIT_STOPPED)
     if os.environ.get("RANK", "0") != "0":
@@ -367,6 +374,8 @@ def merge_checkpoints(
         console.print(f"{weight:8.4f}  {item.path}{loss}", highlight=False)
     soup = f"; soup validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     console.print(f"[bold green]merged[/] ({result.method}) into {result.out}{soup}", highlight=False)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
 
 
 @app.command()

@@ -72,6 +72,7 @@ class MergeResult:
     weights: list[float]
     val_loss: float | None = None  # the greedy soup's score on the run's validation data
     details: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # things worth a look that did not stop the merge
 
 
 # ------------------------------------------------------------------ inputs
@@ -267,6 +268,11 @@ def averaged_tensors(
             if not tensor.is_floating_point():
                 raise LmpError(
                     f"{item.path}: tensor {name} is {tensor.dtype}; only floating-point weights average"
+                )
+            if not torch.isfinite(tensor).all():
+                raise LmpError(
+                    f"{item.path}: tensor {name} holds NaN or inf (the run diverged there); "
+                    "leave that checkpoint out"
                 )
             dtype = tensor.dtype
             if total is None:
@@ -483,7 +489,37 @@ def merge_checkpoints(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return MergeResult(out, method, inputs, chosen, soup_loss, details)
+    return MergeResult(out, method, inputs, chosen, soup_loss, details, _notes(inputs, paths, run, method))
+
+
+def _run_root(folder: Path) -> Path | None:
+    """The run a checkpoint comes from, followed through branches to the run that set its init."""
+    folder = folder.resolve()
+    if folder.parent.name != "checkpoints":
+        return None
+    run_dir = folder.parent.parent
+    seen = {run_dir}
+    while "parent_run" in (branch := _read_json(run_dir / "branch.json") or {}):
+        run_dir = Path(branch["parent_run"])
+        if run_dir in seen:
+            break
+        seen.add(run_dir)
+    return run_dir
+
+
+def _notes(inputs: list[MergeInput], paths: list[Path], run: Path | None, method: str) -> list[str]:
+    notes = []
+    roots = {_run_root(i.path) for i in inputs} - {None}
+    if len(roots) > 1:
+        notes.append(
+            f"the inputs come from {len(roots)} different runs; averaging models trained from "
+            "different initialisations usually gives a far worse model than either"
+        )
+    if paths and run is not None and method not in ("loss", "greedy"):
+        notes.append(
+            f"--run {run} was not used: the inputs are the folders given, and {method} scores nothing"
+        )
+    return notes
 
 
 def _check_output(out: Path, folders: list[Path], force: bool) -> None:

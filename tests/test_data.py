@@ -286,6 +286,11 @@ def test_load_tokenizer(small_tokenizer, tmp_path):
     assert loaded.encode(SAMPLES[1]).ids == small_tokenizer.encode(SAMPLES[1]).ids
     with pytest.raises(LmpError, match="tokenizer.bos_token"):
         load_tokenizer(tmp_path, TokenizerConfig(bos_token="<|begin|>"))
+    # pad and mask tokens a reused tokenizer lacks are appended; its own ids stay as they were
+    size = small_tokenizer.get_vocab_size()
+    other = load_tokenizer(tmp_path, TokenizerConfig(pad_token="<|pad|>", mask_token="<|mask|>"))
+    assert (other.token_to_id("<|pad|>"), other.token_to_id("<|mask|>")) == (size, size + 1)
+    assert other.encode(SAMPLES[1]).ids == small_tokenizer.encode(SAMPLES[1]).ids
     # a tokenizer without the BOS post-processor gets it, so shards always start with BOS
     raw = json.loads((tmp_path / "tokenizer.json").read_text())
     raw["post_processor"] = None

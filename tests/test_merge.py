@@ -253,6 +253,26 @@ def test_mismatches_are_refused_naming_the_first(run, tmp_path, change):
     assert cli(["merge-checkpoints", a, b, "--out", tmp_path / "out"], code=2).startswith("error:")
 
 
+def test_non_finite_weights_are_refused(run, tmp_path):
+    a = checkpoints(run)[-1]
+    tensors = weights_of(a)
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
+    b = _variant(a, tmp_path / "b", tensors=tensors)
+    with pytest.raises(LmpError, match=r"b: tensor model.norm.weight holds NaN or inf"):
+        merge_checkpoints([a, b], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_inputs_from_different_runs_get_a_note(run, tmp_path):
+    # a second run: the same checkpoint copied under another run's checkpoints/ folder
+    other = tmp_path / "other" / "checkpoints" / "step-60"
+    shutil.copytree(checkpoints(run)[-1], other)
+    output = cli(["merge-checkpoints", checkpoints(run)[-2], other, "--out", tmp_path / "m"])
+    assert "note: the inputs come from 2 different runs" in output
+    output = cli(["merge-checkpoints", *checkpoints(run)[-2:], "--run", run, "--out", tmp_path / "n"])
+    assert "different runs" not in output and "--run" in output and "was not used" in output
+
+
 def test_existing_output_needs_force_and_inputs_are_protected(run, tmp_path):
     inputs = checkpoints(run)[-2:]
     out = tmp_path / "out"

@@ -109,7 +109,7 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(bible_corpus, referen
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_stop_signal_saves_and_exits_75_then_resumes(bible_corpus, reference, signum):
     root, cache, ref = reference
     run = root / f"signal-{signum}"

@@ -184,8 +184,9 @@ def train_loader(
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    # SLURM signals every process of a job step: the worker must outlive the trainer's final save
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    # SLURM signals every process of a job step, and Ctrl-C the whole process group: the worker
+    # must outlive the trainer's final save
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 

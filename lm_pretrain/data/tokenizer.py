@@ -3,7 +3,8 @@
 Special tokens take ids 0..3 in the fixed order pad, bos, eos, mask (`SPECIAL_ROLES`), so a
 recipe's special tokens always land on the same ids. Every encoded sequence starts with BOS (a
 TemplateProcessing post-processor, as Llama does); EOS is appended by the shard writer, not here.
-Byte-level means every string round-trips: there is no unknown token.
+Byte-level means every string round-trips: there is no unknown token. A reused tokenizer
+(tokenizer.path) keeps its ids; pad and mask tokens it lacks are appended after its vocabulary.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from lm_pretrain.errors import LmpError
 from lm_pretrain.recipe import TokenizerConfig
@@ -89,6 +90,11 @@ def load_tokenizer(path: str | Path, cfg: TokenizerConfig | None = None) -> Toke
     tok.no_truncation()
     tok.no_padding()
     if cfg is not None:
+        # a reused tokenizer (e.g. GPT-2's) often lacks padding and mask tokens, which only some
+        # objectives use: append them rather than refuse. BOS and EOS must exist (a typo otherwise).
+        specials = special_tokens(cfg)
+        missing = [specials[r] for r in ("pad", "mask") if tok.token_to_id(specials[r]) is None]
+        tok.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in missing])
         ids = special_token_ids(tok, cfg)
         if tok.encode("a").ids[:1] != [ids["bos"]]:
             tok.post_processor = _bos_template(cfg.bos_token, ids["bos"])

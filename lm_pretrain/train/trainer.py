@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -127,14 +128,19 @@ class Branch:
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1 (SLURM preemption, time limit); checked once per step."""
+    """Set by SIGTERM / SIGUSR1 (SLURM preemption, time limit); checked once per step.
+
+    Ctrl-C (SIGINT) in the training loop (`armed`) also stops with a checkpoint; a second Ctrl-C,
+    or one outside the loop, interrupts at once (KeyboardInterrupt).
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.armed = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
-        for sig in STOP_SIGNALS:
+        for sig in (*STOP_SIGNALS, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -143,6 +149,13 @@ class StopFlag:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT:
+            if not self.armed or self.signum is not None:
+                raise KeyboardInterrupt
+            if os.environ.get("RANK", "0") == "0":
+                sys.stderr.write(
+                    "\nCtrl-C: saving a checkpoint after this step (Ctrl-C again quits without)\n"
+                )
         self.signum = signum
 
 
@@ -389,6 +402,10 @@ def train(
     try:
         with StopFlag() as stop:
             result = _train(recipe, run_dir, console, branch, resume, stop)
+    except KeyboardInterrupt:
+        if is_main and _started_here(run_dir):
+            write_status(run_dir, "stopped", signal=int(signal.SIGINT), saved=False)
+        raise
     except BaseException as exc:
         # only a run this process started is failed; a refused command leaves the folder as it was
         if is_main and _started_here(run_dir):
@@ -657,9 +674,21 @@ def _train(
         where = f"step {last}" if skipped == 1 else f"{skipped} steps up to step {last}"
         progress.print(f"{where}: non-finite loss or gradients, update skipped")
 
+    def next_batch() -> tuple[torch.Tensor, ...]:
+        try:
+            return next(loader)
+        except RuntimeError as exc:
+            if "DataLoader worker" not in str(exc):
+                raise
+            raise LmpError(
+                f"the data worker process died ({exc}); the machine may be out of memory. "
+                "Run the same command to resume from the newest checkpoint"
+            ) from None
+
     stopped = False
     stop_vote = StopVote(world)
     model.train()
+    stop.armed = True
     with TrainProgress(console, steps, step, enabled=is_main) as progress:
         while step < steps:
             if meta_windows is not None and state["tokens"] == meta_until:
@@ -667,7 +696,7 @@ def _train(
             step_loss = torch.zeros((), device=accelerator.device)
             for i in range(accum):
                 waited = time.perf_counter()
-                inputs, targets, *rows = (t.to(accelerator.device, non_blocking=True) for t in next(loader))
+                inputs, targets, *rows = (t.to(accelerator.device, non_blocking=True) for t in next_batch())
                 data_wait += time.perf_counter() - waited
                 bidirectional = rows[0] if rows else None
                 # only the last micro-batch all-reduces (FSDP: reduce-scatters) gradients
@@ -776,6 +805,7 @@ def _train(
             if stopped:
                 progress.print(f"stopped by signal after step {step}; saved. Run the same command to resume.")
                 break
+    stop.armed = False
 
     seconds = time.perf_counter() - started
     exported = None if stopped else full_model()
