@@ -52,6 +52,28 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def output_file(path: Path, option: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """`path` checked before any work is done: not a folder, a wanted suffix, its folder made and
+    writable. LmpError naming `option` otherwise."""
+    example = path / f"out{suffixes[0] if suffixes else '.json'}"
+    if path.is_dir():
+        raise LmpError(f"{option} {path} is a folder; give a file name, e.g. {example}")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise LmpError(f"{option} {path}: give a file name ending in {', '.join(suffixes)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise LmpError(f"{option} {path}: a folder in that path is a file") from None
+    except OSError as exc:
+        raise LmpError(f"{option} {path}: cannot create its folder ({exc.strerror})") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise LmpError(f"{option} {path}: no permission to write there")
+    return path
+
+
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
+
+
 def _launch_processes(nproc: int, command: list[str]) -> int:
     """Run `python <command>` in `nproc` processes through torch's launcher (as accelerate launch
     does); the exit code of the first process that failed, else 0. The launcher's own traceback
@@ -184,7 +206,8 @@ def schedule(
     from lm_pretrain.recipe import load_recipe
     from lm_pretrain.train.lr_plot import describe_schedule
 
-    console.print(describe_schedule(load_recipe(recipe, set_), png))
+    loaded = load_recipe(recipe, set_)
+    console.print(describe_schedule(loaded, output_file(png, "--png", IMAGE_SUFFIXES) if png else None))
 
 
 @data_app.command("prepare")
@@ -227,8 +250,12 @@ def generate(
     """Sample a continuation of a prompt."""
     from lm_pretrain.generate import generate as sample
 
-    prefix = prefix.replace("\\n", "\n")  # so that --prefix 'childes\n\n' means two newlines
-    typer.echo(sample(model, prompt, max_new_tokens, temperature, top_k, seed, prefix))  # verbatim
+    typer.echo(sample(model, prompt, max_new_tokens, temperature, top_k, seed, _newlines(prefix)))  # verbatim
+
+
+def _newlines(prefix: str) -> str:
+    # so that --prefix 'childes\n\n' means two newlines, as a MeCo template writes them
+    return prefix.replace("\\n", "\n")
 
 
 @app.command("eval")
@@ -244,7 +271,9 @@ def eval_(
     ] = None,
     backend: Annotated[str, typer.Option(help="causal, mlm or mntp (as the official pipeline)")] = "causal",
     fast: Annotated[bool, typer.Option("--fast", help="the official fast_eval subsets")] = False,
-    prefix: Annotated[str, typer.Option(help="unscored text put before every sentence")] = "",
+    prefix: Annotated[
+        str, typer.Option(help="unscored text put before every sentence (\\n: a newline)")
+    ] = "",
     strict_ties: Annotated[bool, typer.Option("--strict-ties", help="count exact ties as wrong")] = False,
     text: Annotated[Path | None, typer.Option(help="held-out text file for perplexity")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write scores here")] = None,
@@ -256,13 +285,13 @@ def eval_(
     from lm_pretrain.eval.runner import evaluate, parse_tasks
 
     # checked before the evaluation, which can take an hour, rather than after it
-    if json_out is not None and json_out.is_dir():
-        raise LmpError(f"--json {json_out} is a folder; give a file name, e.g. {json_out / 'scores.json'}")
+    if json_out is not None:
+        output_file(json_out, "--json")
     if predictions is not None and predictions.exists() and not predictions.is_dir():
         raise LmpError(f"--predictions {predictions} is a file; give a folder to write predictions into")
     chosen = parse_tasks(tasks, data_dir is not None)
     result = evaluate(
-        model, chosen, data_dir, backend, fast, prefix, strict_ties, text, seed,
+        model, chosen, data_dir, backend, fast, _newlines(prefix), strict_ties, text, seed,
         console=console, explicit_tasks=tasks is not None,
     )  # fmt: skip
     for task in result.tasks:
@@ -324,7 +353,7 @@ def plot(
     chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     plot_runs(
         run_dirs,
-        out,
+        output_file(out, "--out", IMAGE_SUFFIXES),
         x=x,
         metrics=chosen,
         smooth=smooth,
@@ -403,6 +432,8 @@ def bench(
 
     from lm_pretrain.bench import Shape, result_lines, result_table, run_bench, shape_from_recipe, write_json
 
+    if json_out is not None:
+        output_file(json_out, "--json")
     shape = shape_from_recipe(recipe, set_) if recipe is not None else Shape()
     given = {"hidden": hidden, "layers": layers, "heads": heads, "vocab": vocab, "seq": seq, "batch": batch}
     shape = replace(shape, **{k: v for k, v in given.items() if v is not None})

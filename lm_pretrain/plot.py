@@ -174,6 +174,9 @@ def plot_runs(
         for message in run.warnings:
             (warn or (lambda m: None))(message)
     x_key = X_KEYS[x]
+    if not any(run.series("step", "step")[0] for run in runs):
+        names = ", ".join(str(d) for d in run_dirs)
+        raise LmpError(f"nothing to plot yet: {names} logged no metrics (did training reach its first step?)")
     if not any(run.series(x_key, "step")[0] for run in runs):
         raise LmpError(f"no run logs {x_key!r} (--x {x}); try --x steps")
 

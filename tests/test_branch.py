@@ -121,3 +121,17 @@ def test_out_refuses_files_and_foreign_folders(bible_corpus, tmp_path):
     result = CliRunner().invoke(app, ["train", *args, "--out", str(foreign)])
     assert result.exit_code == 2 and "holds no lmp run" in result.output, result.output
     assert sorted(p.name for p in foreign.iterdir()) == ["config.json"]
+
+
+def test_training_needs_held_out_documents(bible_corpus, tmp_path):
+    args = tiny_run_args(bible_corpus, tmp_path / "cache", 10)
+    result = CliRunner().invoke(
+        app, ["train", *args, "--set", "data.validation_fraction=0", "--out", str(tmp_path / "a")]
+    )
+    assert result.exit_code == 2 and "data.validation_fraction" in result.output, result.output
+    assert not (tmp_path / "a").exists()
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": "a single long document " * 500, "source": "x"}) + "\n")
+    args = tiny_run_args(one, tmp_path / "cache", 10)
+    result = CliRunner().invoke(app, ["train", *args, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "the corpus has 1 document(s)" in result.output, result.output

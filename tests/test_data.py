@@ -8,6 +8,7 @@ import json
 import math
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -382,7 +383,10 @@ def test_corrupt_shards_are_reported(small_corpus, tmp_path):
         prepare_data(recipe, _quiet(), False)
     msg = str(err.value)
     assert "truncated" in msg and str(tokens) in msg and f"expected {len(original)} bytes" in msg
-    assert "lmp data prepare" in msg and str(folder) in msg
+    assert f"delete the cache folder {folder} and run the same command again" in msg
+    # following the advice works
+    shutil.rmtree(folder)
+    assert prepare_data(recipe, _quiet(), False).train.n_tokens == len(original) // 2
 
     flipped = bytearray(original)
     flipped[len(flipped) // 2] ^= 0xFF
@@ -393,6 +397,13 @@ def test_corrupt_shards_are_reported(small_corpus, tmp_path):
 
     tokens.write_bytes(original)
     assert open_shard(folder, "train").n_tokens == len(original) // 2
+
+    tok_file = prepare_data(recipe, _quiet(), False).tokenizer_path
+    tok_file.write_text("{damaged")
+    with pytest.raises(
+        LmpError, match=f"cached tokenizer is damaged.*delete the cache folder {tok_file.parent}"
+    ):
+        prepare_data(recipe, _quiet(), False)
 
     meta = json.loads((folder / "meta.json").read_text())
     meta["complete"] = False

@@ -401,6 +401,14 @@ def test_output_paths_are_checked_before_evaluating(tiny_run, tmp_path):
     assert result.exit_code == 2 and "is a file" in result.output
 
 
+def test_cli_prefix_newlines_as_in_a_meco_template(tiny_run, tmp_path):
+    out = tmp_path / "scores.json"
+    args = ["eval", str(tiny_run), "--tasks", "probe", "--prefix", "childes\\n\\n", "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["prefix"] == "childes\n\n"
+
+
 def test_generate_prints_text_verbatim(tiny_run):
     prompt = "In the [/i] beginning [bold]"
     result = CliRunner().invoke(app, ["generate", str(tiny_run), "--prompt", prompt, "--max-new-tokens", "3"])

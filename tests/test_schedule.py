@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,27 @@ def test_stages_longer_than_training_are_refused():
     make_schedule(ScheduleConfig(kind="infinite", warmup=50, cooldown=30, decay=20), 100, 1)
     with pytest.raises(LmpError, match="exceed the 10 training steps"):
         make_schedule(ScheduleConfig(kind="cosine", warmup=20), 10, 1)
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from lm_pretrain.cli import app
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes/demo.yaml")
+    victim = tmp_path / "victim.yaml"
+    victim.write_text("keep: me\n")
+    cases = [
+        (["schedule", recipe, "--png", str(victim)], "ending in .png"),
+        (["schedule", recipe, "--png", str(tmp_path)], "is a folder"),
+        (["plot", str(tmp_path), "--out", str(tmp_path)], "is a folder"),
+        (["plot", str(tmp_path), "--out", str(victim / "x.png")], "a folder in that path is a file"),
+        (["bench", "--json", str(tmp_path), "--steps", "1"], "is a folder"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+    assert victim.read_text() == "keep: me\n"
+    # a missing folder is made
+    result = CliRunner().invoke(app, ["schedule", recipe, "--png", str(tmp_path / "new" / "lr.png")])
+    assert result.exit_code == 0 and (tmp_path / "new" / "lr.png").stat().st_size > 1000

@@ -69,7 +69,9 @@ def _key(*parts: str | bytes) -> str:
 def _build_atomically(final: Path, build: Callable[[Path], None], done: Callable[[Path], bool]) -> None:
     """Run build(tmp) in a fresh sibling folder, then rename it to `final`."""
     if final.exists() and not done(final):
-        raise LmpError(f"cache folder {final} exists but was never finished; delete it and rerun")
+        raise LmpError(
+            f"cache folder {final} exists but was never finished; delete it and run the same command again"
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
@@ -100,7 +102,13 @@ def _prepare_tokenizer(
     path = folder / "tokenizer.json"
     if path.is_file():
         console.print(f"tokenizer: reused {path}")
-        return load_tokenizer(path, cfg), path
+        try:
+            return load_tokenizer(path, cfg), path
+        except LmpError as exc:
+            raise LmpError(
+                f"the cached tokenizer is damaged ({exc}); delete the cache folder {folder} and run "
+                "the same command again: it rebuilds the tokenizer"
+            ) from None
 
     def build(tmp: Path) -> None:
         if cfg.path is not None:

@@ -212,7 +212,7 @@ def read_meta(folder: Path) -> dict:
     """meta.json of a finished shard folder; LmpError if it is missing or unfinished."""
     folder = Path(folder)
     path = folder / META
-    fix = f"delete the cache folder {folder} and rerun `lmp data prepare`"
+    fix = f"delete the cache folder {folder} and run the same command again: it rebuilds the cache"
     if not path.is_file():
         raise LmpError(f"token cache {folder} has no {META}, so it was never finished; {fix}")
     try:
@@ -234,7 +234,7 @@ def open_shard(folder: Path, name: str, verify: bool = True) -> TokenShard:
     with `verify`, so are the checksums (this reads every byte once)."""
     folder = Path(folder)
     meta = read_meta(folder)
-    fix = f"delete the cache folder {folder} and rerun `lmp data prepare`"
+    fix = f"delete the cache folder {folder} and run the same command again: it rebuilds the cache"
     split = meta["splits"].get(name)
     if split is None:
         raise LmpError(

@@ -25,6 +25,7 @@ ALL_TASKS = (*DATA_TASKS, "probe", "perplexity")
 class EvalResult:
     model: Path
     backend: str
+    prefix: str = ""  # unscored text before every sentence (MeCo conditioning)
     tasks: list[TaskResult] = field(default_factory=list)
     perplexity: dict | None = None
     notes: list[str] = field(default_factory=list)
@@ -33,6 +34,7 @@ class EvalResult:
         return {
             "model": str(self.model),
             "backend": self.backend,
+            "prefix": self.prefix,
             "tasks": {r.task: r.to_json() for r in self.tasks},
             "averages": {r.task: r.mean for r in self.tasks},
             "perplexity": self.perplexity,
@@ -104,7 +106,7 @@ def evaluate(
             loaded.append(("probe", f"lmp templates, seed {seed}", probe_items(seed, probe_size)))
 
     sm = load_scoring_model(folder, backend)
-    result = EvalResult(folder, backend)
+    result = EvalResult(folder, backend, prefix)
     for task, source, items in loaded:
         if prefix:
             items = [with_prefix(item, prefix) for item in items]

@@ -28,12 +28,14 @@ def describe_schedule(recipe: Recipe, png: Path | None = None) -> Table:
     for name, step in schedule.key_points():
         table.add_row(name, f"{step:,}", f"{step * tokens_per_step:,}", f"{peak * schedule(step):.3e}")
     if png is not None:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from lm_pretrain.plot import save_figure
 
-        fig, ax = plt.subplots(figsize=(8, 4))
+        fig = Figure(figsize=(8, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
         xs = range(steps)
         ax.plot(list(xs), [peak * schedule(s) for s in xs], color="tab:blue")
         for name, step in schedule.key_points()[1:-1]:
@@ -44,7 +46,6 @@ def describe_schedule(recipe: Recipe, png: Path | None = None) -> Table:
         ax.set_title(f"{recipe.name}: {recipe.schedule.kind}, {recipe.schedule.decay_shape} decay")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(png, dpi=120)
-        plt.close(fig)
+        save_figure(fig, png)
         table.caption = f"curve written to {png}"
     return table

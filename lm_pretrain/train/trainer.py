@@ -359,6 +359,11 @@ class StartPlan:
 def plan_start(recipe: Recipe, run_dir: Path, branch: Branch | None, resume: bool) -> StartPlan:
     """Decide where training starts, refusing (LmpError) a recipe that does not fit the run folder
     or the branch's parent. Writes nothing."""
+    if recipe.data.validation_fraction == 0:
+        raise LmpError(
+            "training reports validation loss on held-out documents: set data.validation_fraction "
+            "above 0 (0.01 is usual)"
+        )
     checkpoint, branch_record = _start_state(run_dir, branch, resume)
     changes = []
     if checkpoint is not None and checkpoint.parent.parent == run_dir:
@@ -562,6 +567,12 @@ def _train(
         )
         meta_until = round((1 - recipe.data.metadata.cooldown_fraction) * steps) * tokens_per_step
     document_bos = ids["bos"] if recipe.data.packing == "document" else None
+    if data.val.n_docs == 0:
+        raise LmpError(
+            f"no document could be held out for validation: the corpus has {data.train.n_docs} "
+            "document(s). Lower data.lines_per_document (or separate documents by blank lines) so "
+            "it splits into more"
+        )
     val_batches = validation_batches(data.val.tokens, seq_len, cfg.eval_tokens, micro, ids["bos"])
     masker, val_mntp_batches = None, []
     if recipe.objective != "causal":
