@@ -163,13 +163,21 @@ def train(
         sys.exit(EXIT_STOPPED)
     if os.environ.get("RANK", "0") != "0":
         return
+    if result.already_finished:
+        console.print(
+            f"{run_dir} already finished its {result.steps} steps; its model is {run_dir / 'final'}. "
+            "To train longer, raise train.max_steps (or max_tokens, max_words_seen) with --set.",
+            highlight=False,
+        )
+        return
     first = f"{result.first_val_loss:.4f} -> " if result.first_val_loss is not None else ""
+    prompt = "And God said" if loaded.data.path == "builtin:demo" else "The"  # the demo has the Bible
     console.print(
         f"\n[bold green]done[/] in {result.seconds / 60:.1f} min: {result.steps} steps, "
         f"{result.tokens / 1e6:.2f}M tokens\n"
         f"validation loss {first}{result.final_val_loss:.4f} nats/token "
         f"(unigram entropy of the training tokens: {result.unigram_entropy:.4f})\n"
-        f"model: {run_dir / 'final'}  (try: lmp generate {run_dir / 'final'} --prompt 'And God said')",
+        f"model: {run_dir / 'final'}  (try: lmp generate {run_dir / 'final'} --prompt '{prompt}')",
         highlight=False,
     )
 

@@ -6,12 +6,13 @@ Every recipe field is validated here and nowhere else. A recipe is frozen once l
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lm_pretrain.errors import LmpError
 
@@ -245,7 +246,7 @@ class TrackingConfig(Section):
 
 
 class Recipe(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    name: str
     seed: int = 0
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -258,6 +259,16 @@ class Recipe(Section):
     eval: EvalConfig | None = None
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, name: str) -> str:
+        # it names runs/<name>: no path separators, and no leading dot ("..")
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
+            raise ValueError(
+                f"{name!r} must be a folder name: letters, digits, '.', '_' and '-', not starting with '.'"
+            )
+        return name
 
     @model_validator(mode="after")
     def _fits(self) -> Recipe:
@@ -311,10 +322,38 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice (YAML would keep the last silently) and reads
+    1e6 as a number (YAML 1.1 wants 1.0e6)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in chain:
-        raise LmpError(f"recipe {path} extends itself (chain: {' -> '.join(map(str, chain))})")
+        cycle = " -> ".join(p.name for p in (*chain[chain.index(path) :], path))
+        raise LmpError(f"recipes extend each other in a cycle ({cycle}); one must stop extending")
     if path.is_dir() and (path / "recipe.yaml").is_file():
         raise LmpError(
             f"{path} is a run folder, not a recipe; to resume it: lmp train {path / 'recipe.yaml'} --out {path}"
@@ -322,7 +361,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise LmpError(f"recipe file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise LmpError(f"recipe {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -344,7 +383,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise LmpError(f"--set {text!r}: expected key.path=value, e.g. --set train.max_steps=100")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = _load_yaml(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
     return key.strip().split("."), parsed

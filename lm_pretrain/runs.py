@@ -393,7 +393,7 @@ def runs_table(runs: list[Run], root: Path | None = None) -> Table:
                 "steps": steps,
                 "loss": "-" if row["loss"] is None else f"{row['loss']:.4f}",
                 "best val": best,
-                "evals": ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["evals"].items())) or "-",
+                "evals": ", ".join(f"{k} {v:.1f}%" for k, v in sorted(row["evals"].items())) or "-",
                 "state": f"[{_STATE_STYLE.get(state, 'dim')}]{state}[/]",
                 "parent": parent,
             }

@@ -105,7 +105,7 @@ def test_extends_and_typed_overrides(tmp_path):
 def test_extends_cycle_and_missing(tmp_path):
     write(tmp_path / "a.yaml", {"extends": "b.yaml", "name": "a"})
     write(tmp_path / "b.yaml", {"extends": "a.yaml", "name": "b"})
-    with pytest.raises(LmpError, match="extends itself"):
+    with pytest.raises(LmpError, match=r"in a cycle \(a.yaml -> b.yaml -> a.yaml\)"):
         load_recipe(tmp_path / "a.yaml")
     with pytest.raises(LmpError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
@@ -116,6 +116,19 @@ def test_extends_cycle_and_missing(tmp_path):
     write(run / "recipe.yaml", {"name": "r"})
     with pytest.raises(LmpError, match="is a run folder"):
         load_recipe(run)
+
+
+def test_yaml_pitfalls(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("name: x\ntrain:\n  max_steps: 5\ntrain:\n  batch_size: 4\n")
+    with pytest.raises(LmpError, match="the key 'train' is given twice"):
+        load_recipe(dup)
+    path = write(tmp_path / "r.yaml", {"name": "r"})
+    recipe = load_recipe(path, ["train.max_tokens=1e6", "train.max_steps=null", "optim.lr=3e-4"])
+    assert recipe.train.max_tokens == 1_000_000 and recipe.optim.lr == pytest.approx(3e-4)
+    for name in ("..", ".", "a/b", ".hidden"):
+        with pytest.raises(LmpError, match="must be a folder name"):
+            load_recipe(path, [f"name={name}"])
 
 
 def test_bad_override_syntax(tmp_path):

@@ -79,7 +79,7 @@ def dead_pid() -> int:
 @pytest.fixture
 def runs_dir(tmp_path: Path) -> Path:
     root = tmp_path / "runs"
-    make_run(root, "main", range(0, 201, 10), words=True, evals={"blimp": 0.61, "ewok": 0.52})
+    make_run(root, "main", range(0, 201, 10), words=True, evals={"blimp": 61.04, "ewok": 52.0})
     make_run(
         root,
         "crashed",
@@ -137,7 +137,7 @@ def test_table_content(runs_dir):
     best = min(loss_at(s) + 0.2 for s in range(50, 201, 50))
     assert f"{best:.4f} @{min(range(50, 201, 50), key=loss_at)}" in main
     assert f"{loss_at(200):.4f}" in main
-    assert "blimp 0.610" in main and "ewok 0.520" in main
+    assert "blimp 61.0%" in main and "ewok 52.0%" in main
     assert "12.80k" in main and "10.00k" in main  # tokens 200*64, words 200*50
     assert "recipe-main" in main and "finished" in main and "200" in main
 

@@ -48,6 +48,12 @@ def test_train_export_generate_resume(bible_corpus, tmp_path):
     text = run_cli(["generate", str(final), "--prompt", "And the", "--max-new-tokens", "10"])
     assert text.strip().startswith("And the")
 
+    # running the finished run again trains and writes nothing
+    before = {p: p.stat().st_mtime_ns for p in (run / "final").iterdir()}
+    out = run_cli(["train", *tiny_run_args(bible_corpus, cache, 60), "--out", str(run)])
+    assert "already finished its 60 steps" in out and "done in" not in out
+    assert {p: p.stat().st_mtime_ns for p in (run / "final").iterdir()} == before
+
     # running again with a longer budget resumes from step 60 instead of starting over
     out = run_cli(["train", *tiny_run_args(bible_corpus, cache, 80), "--out", str(run)])
     assert "resuming from" in out and "step 60" in out
@@ -143,12 +149,13 @@ def test_damaged_checkpoint_is_refused_by_name(bible_corpus, tmp_path):
     run_cli(["train", *args, "--out", str(run)])
     weights = run / "checkpoints" / "step-10" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # damaged after it was written
+    status = (run / "status.json").read_text()
     longer = tiny_run_args(bible_corpus, tmp_path / "cache", 12, **{"checkpoint.every": 5})
     result = CliRunner().invoke(app, ["train", *longer, "--out", str(run)])
     assert result.exit_code == 2
     assert "step-10 cannot be read" in result.output and "Move it aside" in result.output
     assert (run / "checkpoints" / "step-5" / "model.safetensors").is_file()  # nothing else touched
-    assert len(weights.read_bytes()) == 100
+    assert len(weights.read_bytes()) == 100 and (run / "status.json").read_text() == status
     (run / "checkpoints" / "step-10" / "trainer_state.json").write_text('{"step": 1')
     result = CliRunner().invoke(app, ["train", *longer, "--out", str(run)])
     assert result.exit_code == 2 and "step-10 has an unreadable trainer_state.json" in result.output

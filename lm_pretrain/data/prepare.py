@@ -123,7 +123,9 @@ def _prepare_tokenizer(
     start = time.perf_counter()
     _build_atomically(folder, build, lambda f: (f / "tokenizer.json").is_file())
     tok = load_tokenizer(path, cfg)
-    how = f"copied from {cfg.path}" if cfg.path is not None else "trained on the train split"
+    how = "trained on the train split"
+    if cfg.path is not None:
+        how = f"copied from {cfg.path} (its own vocabulary: tokenizer.vocab_size is not used)"
     console.print(
         f"tokenizer: {how}, vocab {tok.get_vocab_size():,}, in {time.perf_counter() - start:.1f}s -> {path}"
     )

@@ -89,9 +89,9 @@ class Schedule:
         if self.cfg.kind == "infinite":
             points.append(("cooldown end", self.warmup + self.cooldown))
         if self.cfg.kind in ("wsd", "infinite") and self.decay:
-            points.append(("decay start", self.total - self.decay))
+            points.append(("first decay step", self.total - self.decay))
         if self.branch is not None:
-            points.append(("branch decay start", self.branch.start))
+            points.append(("first branch decay step", self.branch.start))
         points.append(("last step", self.total - 1))
         return points
 

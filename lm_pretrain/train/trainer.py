@@ -99,6 +99,7 @@ class TrainResult:
     unigram_entropy: float
     seconds: float
     stopped_by_signal: bool = False
+    already_finished: bool = False  # the run had reached its length: nothing was trained or written
 
 
 @dataclass(frozen=True)
@@ -424,6 +425,27 @@ def train(
     return result
 
 
+def _finished_result(run_dir: Path, start_from: Path | None, steps: int) -> TrainResult | None:
+    """The result of a run that already trained `steps` steps and wrote final/, else None."""
+    # summary.json is written last: without it the final export is redone
+    if start_from is None or start_from.parent.parent != run_dir or not (run_dir / "summary.json").is_file():
+        return None
+    step = json.loads((start_from / "trainer_state.json").read_text())["step"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if step < steps or summary.get("step") != step:  # not done, or final/ is from an earlier length
+        return None
+    return TrainResult(
+        run_dir,
+        summary["step"],
+        summary["tokens"],
+        summary.get("first_val_loss"),
+        summary.get("val_loss"),
+        summary["unigram_entropy"],
+        0.0,
+        already_finished=True,
+    )
+
+
 def _started_here(run_dir: Path) -> bool:
     try:
         status = json.loads((run_dir / "status.json").read_text())
@@ -478,19 +500,14 @@ def _train(
             recipe.schedule.decay_shape,
         )
     schedule = make_schedule(recipe.schedule, main_steps, tokens_per_step, decay)
+    finished = _finished_result(run_dir, start_from, steps)
+    if finished is not None:
+        return finished
 
+    # read and loaded before the run is marked running: a damaged checkpoint is refused untouched
+    checkpoint = read_checkpoint(start_from, accelerator.process_index) if start_from is not None else None
     ids = special_token_ids(data.tokenizer, recipe.tokenizer)
     tokenizer_dir = run_dir / "tokenizer"
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-        if branch_record is not None:
-            (run_dir / "branch.json").write_text(json.dumps(branch_record, indent=2) + "\n")
-        write_status(run_dir, "running")
-        tokenizer_dir.mkdir(exist_ok=True)
-        save_hf_tokenizer(data.tokenizer, tokenizer_dir, recipe.tokenizer, recipe.model.max_seq_len)
-    accelerator.wait_for_everyone()
-
     set_seed(recipe.seed)
     model = Decoder(
         DecoderConfig.from_recipe(
@@ -504,10 +521,17 @@ def _train(
     )
     model.activation_checkpointing = cfg.activation_checkpointing
     fsdp = cfg.distributed == "fsdp"
-    checkpoint = None
-    if start_from is not None:
-        checkpoint = read_checkpoint(start_from, accelerator.process_index)
+    if checkpoint is not None:
         load_weights(model, checkpoint, start_from)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        if branch_record is not None:
+            (run_dir / "branch.json").write_text(json.dumps(branch_record, indent=2) + "\n")
+        write_status(run_dir, "running")
+        tokenizer_dir.mkdir(exist_ok=True)
+        save_hf_tokenizer(data.tokenizer, tokenizer_dir, recipe.tokenizer, recipe.model.max_seq_len)
+    accelerator.wait_for_everyone()
     if fsdp:
         sharding.shard(model.to(accelerator.device))
     optimizer = build_optimizer(model, recipe.optim)
