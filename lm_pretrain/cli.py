@@ -145,6 +145,7 @@ def train(
         # the processes then find the tokenizer and shards in the cache
         plan_start(loaded, run_dir, branch, resume)
         prepare_data(loaded, console=console)
+        os.environ["LMP_DATA_REPORTED"] = "1"  # the processes need not print the data report again
         code = _launch_processes(nproc, ["-m", "lm_pretrain.cli", "train", *args])
         status = run_dir / "status.json"
         # the launcher reports any worker's non-zero exit as a failure; a stop keeps its own code

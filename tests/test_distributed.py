@@ -14,13 +14,14 @@ from conftest import tiny_run_args
 SETS = {"train.precision": "fp32", "train.log_every": 1, "schedule.kind": "constant", "checkpoint.every": 4}
 
 
-def train(corpus: Path, cache: Path, out: Path, steps: int, nproc: int, **extra: object) -> None:
+def train(corpus: Path, cache: Path, out: Path, steps: int, nproc: int, **extra: object) -> str:
     args = tiny_run_args(corpus, cache, steps, **SETS, **extra)
     cmd = [sys.executable, "-m", "lm_pretrain.cli", "train", *args]
     cmd += ["--out", str(out), "--nproc", str(nproc)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -32,7 +33,8 @@ def losses(run: Path) -> dict[int, float]:
 def test_two_processes_match_one_and_resume_across_counts(bible_corpus, tmp_path):
     cache = tmp_path / "cache"
     train(bible_corpus, cache, tmp_path / "one", 12, nproc=1)
-    train(bible_corpus, cache, tmp_path / "two", 12, nproc=2)
+    output = train(bible_corpus, cache, tmp_path / "two", 12, nproc=2)
+    assert output.count("tokens: train") == 1  # the data report once, not once per process
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 13))
     worst = max(abs(one[s] - two[s]) / one[s] for s in one)

@@ -477,7 +477,8 @@ def _train(
     start_from, branch_record = plan.checkpoint, plan.branch_record
 
     with accelerator.main_process_first():
-        data = prepare_data(recipe, console=console if is_main else None, show_progress=is_main)
+        report = is_main and not os.environ.get("LMP_DATA_REPORTED")  # lmp train --nproc did already
+        data = prepare_data(recipe, console=console if report else None, show_progress=report)
     # words seen are counted at the corpus's average: windows are uniform samples of the stream
     words_per_token = sum(data.word_counts["train"].values()) / data.train.n_tokens
     main_steps = total_steps(recipe, words_per_token)
