@@ -200,8 +200,18 @@ def export(
     written = export_milestones(run, milestones, git)
     for folder in written:
         console.print(f"  {folder}", highlight=False)
-    note = f" and the git repository {milestones / 'repo'} (one branch each)" if git else ""
-    console.print(f"exported {len(written)} milestone(s) to {milestones}{note}", highlight=False)
+    console.print(f"exported {len(written)} milestone(s) to {milestones}", highlight=False)
+    console.print(
+        f"evaluate a milestone locally by its folder, e.g. {written[0]}"
+        + (
+            f"; the git repository {milestones / 'repo'} holds one branch per milestone (main: the final "
+            "model) to push to a Hugging Face model repository, where the official pipeline reads "
+            "them as revisions (transformers ignores revision= for a local folder)"
+            if git
+            else ""
+        ),
+        highlight=False,
+    )
 
 
 @app.command()

@@ -2,7 +2,9 @@
 
 The 2025 rules ask for checkpoints at 1M..9M words seen (every 1M), 10M..100M (every 10M) and
 100M..1000M (every 100M), named chck_<N>M. The official pipeline reads them as revisions
-(branches) of one model repository; `export_milestones` writes that layout locally.
+(branches) of one Hugging Face model repository; `export_milestones` writes that layout as a
+local git repository to push to the Hub. transformers ignores `revision=` for a local folder, so
+local evaluation reads the per-milestone folders instead.
 """
 
 from __future__ import annotations
@@ -33,15 +35,30 @@ def milestone_name(words: int) -> str:
     return f"chck_{words // 1_000_000}M"
 
 
-def export_milestones(run_dir: Path, out: Path, git: bool = False) -> list[Path]:
-    """One transformers-loadable folder per milestone of `run_dir` under `out`; with `git`, also a
-    repository out/repo with one branch per milestone (and main holding the final model)."""
+def _milestones_of(run_dir: Path, up_to_step: int | None = None) -> dict[str, tuple[int, Path]]:
+    """name -> (words, folder) of a run's milestones, followed through its parents for a branch:
+    a parent's milestones count up to the step the branch started from (they are the branch's
+    history), the branch's own from there on."""
+    found: dict[str, tuple[int, Path]] = {}
+    branch_file = run_dir / "branch.json"
+    if branch_file.is_file():
+        branch = json.loads(branch_file.read_text())
+        parent_step = branch["parent_step"] if up_to_step is None else min(branch["parent_step"], up_to_step)
+        found.update(_milestones_of(Path(branch["parent_run"]), parent_step))
     folder = run_dir / "checkpoints"
-    found = sorted(
-        (json.loads((p / "trainer_state.json").read_text())["words"], p)
-        for p in (folder.glob("chck_*M") if folder.is_dir() else [])
-        if (p / "trainer_state.json").is_file()
-    )
+    for ckpt in folder.glob("chck_*M") if folder.is_dir() else []:
+        if (ckpt / "trainer_state.json").is_file():
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            if up_to_step is None or state["step"] <= up_to_step:
+                found[ckpt.name] = (state["words"], ckpt)
+    return found
+
+
+def export_milestones(run_dir: Path, out: Path, git: bool = False) -> list[Path]:
+    """One transformers-loadable folder per milestone of `run_dir` under `out` (a branch's include
+    its parent's up to the branch point); with `git`, also a repository out/repo with one branch
+    per milestone (and main holding the final model)."""
+    found = sorted(_milestones_of(run_dir).values())
     if not found:
         raise LmpError(
             f"{run_dir} has no milestone checkpoints (checkpoints/chck_<N>M); they are written "

@@ -134,3 +134,27 @@ def test_milestone_names_follow_the_2025_rules():
     assert names[9:19] == [f"chck_{n}M" for n in range(10, 101, 10)]
     assert names[18:] == [f"chck_{n}M" for n in range(100, 1001, 100)]
     assert len(names) == len(set(names)) == 28
+
+
+def test_branch_export_takes_parent_milestones_up_to_the_branch_point(tmp_path):
+    from lm_pretrain.milestones import export_milestones
+
+    def milestone(run, name, step, words):
+        folder = run / "checkpoints" / name
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step, "words": words}))
+        (folder / "model.safetensors").write_text(f"{run.name}/{name}")
+        (folder / "optimizer.pt").write_text("resume only")
+
+    parent, branch = tmp_path / "parent", tmp_path / "branch"
+    milestone(parent, "chck_1M", 10, 1_000_000)
+    milestone(parent, "chck_2M", 20, 2_000_000)
+    milestone(parent, "chck_3M", 30, 3_000_000)  # past the branch point: not this branch's history
+    milestone(branch, "chck_3M", 28, 3_000_000)
+    (branch / "branch.json").write_text(json.dumps({"parent_run": str(parent), "parent_step": 25}))
+
+    written = export_milestones(branch, tmp_path / "out")
+    assert [p.name for p in written] == ["chck_1M", "chck_2M", "chck_3M"]
+    contents = [(p / "model.safetensors").read_text() for p in written]
+    assert contents == ["parent/chck_1M", "parent/chck_2M", "branch/chck_3M"]
+    assert not (tmp_path / "out" / "chck_1M" / "optimizer.pt").exists()
