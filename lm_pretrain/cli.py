@@ -112,6 +112,7 @@ def train(
     nproc: Annotated[
         int, typer.Option(min=1, help="processes on this machine (torch.distributed; gloo on CPU)")
     ] = 1,
+    print_run_dir: Annotated[bool, typer.Option(hidden=True)] = False,  # for the SLURM scripts
 ) -> None:
     """Train a model: corpus -> tokenizer -> shards -> model -> checkpoints -> final export.
 
@@ -134,6 +135,9 @@ def train(
     elif decay_steps is not None or decay_fraction is not None:
         raise LmpError("--decay-steps / --decay-fraction need --branch-from CHECKPOINT")
     run_dir = out or Path("runs") / (branch.run_name(loaded.name) if branch else loaded.name)
+    if print_run_dir:
+        print(run_dir)
+        return
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         # the same command once per process, through torch's own launcher (as accelerate launch does)
         args = [str(recipe), *[x for item in set_ or [] for x in ("--set", item)], "--out", str(run_dir)]

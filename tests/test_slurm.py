@@ -28,7 +28,7 @@ for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@"; done
 echo "accelerate $*" >> "$FAKE_LOG"
 ignored=$(( 0x$(awk '/^SigIgn/ {print $2}' /proc/$$/status) >> 9 & 1 ))
 echo "usr1-ignored $ignored" >> "$FAKE_LOG"
-out=runs/demo
+out=${FAKE_RUN_DIR:-runs/demo}
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do [[ ${args[i]} == --out ]] && out=${args[i + 1]}; done
 mkdir -p "$out"
@@ -98,6 +98,29 @@ def test_single_node_finished_or_failed(fake_slurm):
     result, log = fake_slurm("train.sbatch", [recipe], "failed")
     assert result.returncode == 1
     assert not any(line.startswith("requeue") for line in log)
+
+
+@pytest.mark.parametrize(
+    ("args", "run_dir"),
+    [
+        (["--set", "name=renamed"], "runs/renamed"),
+        (["--out=elsewhere/run"], "elsewhere/run"),
+        (["--branch-from", "runs/demo/checkpoints/step-100", "--decay-steps", "50"], "runs/demo-step-100-decay50"),
+    ],
+)
+def test_requeue_reads_the_run_folder_lmp_trains_into(fake_slurm, args, run_dir):
+    # the training "process" writes status.json where lmp would put the run for these arguments
+    result, log = fake_slurm("train.sbatch", [str(ROOT / "recipes/demo.yaml"), *args], "stopped", FAKE_RUN_DIR=run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"run {run_dir}" in result.stdout
+    assert "requeue 1234" in log
+
+
+def test_bad_arguments_stop_before_launching(fake_slurm):
+    result, log = fake_slurm("train.sbatch", [str(ROOT / "recipes/demo.yaml"), "--set", "train.nope=1"], "finished")
+    assert result.returncode != 0
+    assert "train.nope" in result.stderr
+    assert not any(line.startswith("accelerate") for line in log)
 
 
 def test_branch_array_task_picks_its_checkpoint(fake_slurm):

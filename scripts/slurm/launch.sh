@@ -23,16 +23,8 @@ num_processes=$((nodes * gpus_per_node))
 main_host=$(scontrol show hostnames "${SLURM_JOB_NODELIST:?not inside a SLURM job}" | head -n 1)
 port=${MAIN_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 
-# the run folder, to read how training ended: --out if given, else runs/<recipe name>
-run_dir=""
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-  if [[ ${args[i]} == "--out" ]]; then run_dir=${args[i + 1]}; fi
-done
-if [[ -z $run_dir ]]; then
-  name=$(lmp recipe show "$recipe" | sed -n 's/^name: //p')
-  run_dir="runs/$name"
-fi
+# the run folder, to read how training ended, resolved by lmp from the same arguments
+run_dir=$(lmp train "$recipe" "$@" --print-run-dir)
 
 launch_opts=(--num_machines "$nodes" --num_processes "$num_processes"
   --main_process_ip "$main_host" --main_process_port "$port")
