@@ -105,19 +105,26 @@ def test_single_node_finished_or_failed(fake_slurm):
     [
         (["--set", "name=renamed"], "runs/renamed"),
         (["--out=elsewhere/run"], "elsewhere/run"),
-        (["--branch-from", "runs/demo/checkpoints/step-100", "--decay-steps", "50"], "runs/demo-step-100-decay50"),
+        (
+            ["--branch-from", "runs/demo/checkpoints/step-100", "--decay-steps", "50"],
+            "runs/demo-step-100-decay50",
+        ),
     ],
 )
 def test_requeue_reads_the_run_folder_lmp_trains_into(fake_slurm, args, run_dir):
     # the training "process" writes status.json where lmp would put the run for these arguments
-    result, log = fake_slurm("train.sbatch", [str(ROOT / "recipes/demo.yaml"), *args], "stopped", FAKE_RUN_DIR=run_dir)
+    result, log = fake_slurm(
+        "train.sbatch", [str(ROOT / "recipes/demo.yaml"), *args], "stopped", FAKE_RUN_DIR=run_dir
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"run {run_dir}" in result.stdout
     assert "requeue 1234" in log
 
 
 def test_bad_arguments_stop_before_launching(fake_slurm):
-    result, log = fake_slurm("train.sbatch", [str(ROOT / "recipes/demo.yaml"), "--set", "train.nope=1"], "finished")
+    result, log = fake_slurm(
+        "train.sbatch", [str(ROOT / "recipes/demo.yaml"), "--set", "train.nope=1"], "finished"
+    )
     assert result.returncode != 0
     assert "train.nope" in result.stderr
     assert not any(line.startswith("accelerate") for line in log)
