@@ -169,9 +169,16 @@ def train(
     if os.environ.get("RANK", "0") != "0":
         return
     if result.already_finished:
+        branch_file = run_dir / "branch.json"
+        decay = json.loads(branch_file.read_text()).get("decay_steps") if branch_file.is_file() else None
+        longer = (
+            f"A decay branch's length is set by its decay ({decay} steps): for another decay, branch "
+            "again into a new folder with --out and other --decay-steps / --decay-fraction."
+            if decay is not None
+            else "To train longer, raise train.max_steps (or max_tokens, max_words_seen) with --set."
+        )
         console.print(
-            f"{run_dir} already finished its {result.steps} steps; its model is {run_dir / 'final'}. "
-            "To train longer, raise train.max_steps (or max_tokens, max_words_seen) with --set.",
+            f"{run_dir} already finished its {result.steps} steps; its model is {run_dir / 'final'}. {longer}",
             highlight=False,
         )
         return

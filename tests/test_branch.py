@@ -96,6 +96,30 @@ def test_decay_branches_from_a_stable_checkpoint(bible_corpus, tmp_path):
         assert tree_digest(run) == digest
     assert not (tmp_path / "other").exists()
 
+    # a fork (no decay) of step 40 under a 40-step recipe would train nothing
+    result = CliRunner().invoke(
+        app, ["train", *args, "--branch-from", str(end_ckpt), "--out", str(tmp_path / "fork")]
+    )
+    assert result.exit_code == 2 and "trains 40 steps in all" in result.output, result.output
+    assert not (tmp_path / "fork").exists()
+
+    # a finished branch asked to train longer: its length is its decay's, so branch again
+    out = invoke(
+        [
+            "train",
+            *args,
+            "--set",
+            "train.max_steps=90",
+            "--branch-from",
+            str(ckpt),
+            "--decay-steps",
+            "10",
+            "--out",
+            str(branch),
+        ]
+    )
+    assert "already finished its 30 steps" in out and "branch again into a new folder" in out
+
 
 def test_branch_flag_errors(bible_corpus, tmp_path):
     args = tiny_run_args(bible_corpus, tmp_path / "cache", 10)

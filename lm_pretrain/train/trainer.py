@@ -500,6 +500,13 @@ def _train(
             recipe.schedule.min_lr_ratio,
             recipe.schedule.decay_shape,
         )
+    if branch_record is not None and decay is None and steps <= branch_record["parent_step"]:
+        raise LmpError(
+            f"this fork continues the schedule from step {branch_record['parent_step']}, but the recipe "
+            f"trains {steps} steps in all, so it would train nothing; raise train.max_steps (or "
+            "max_tokens / max_words_seen) above that with --set, or give --decay-steps / "
+            "--decay-fraction for a decay branch"
+        )
     schedule = make_schedule(recipe.schedule, main_steps, tokens_per_step, decay)
     finished = _finished_result(run_dir, start_from, steps)
     if finished is not None:
