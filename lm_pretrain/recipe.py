@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import string
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,22 @@ class MetadataConfig(Section):
         None, description='default "URL: {value}\\n\\n" for urls, else "{value}\\n\\n"'
     )
     cooldown_fraction: float = Field(0.1, ge=0, le=1)
+
+    @field_validator("template")
+    @classmethod
+    def _one_value_field(cls, template: str | None) -> str | None:
+        if template is None:
+            return None
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"{exc}; write a literal brace as {{{{ or }}}}") from None
+        if fields != {"value"}:
+            raise ValueError(
+                "the template must contain {value} (where the metadata goes) and no other {field}; "
+                'e.g. "source: {value}\\n\\n"; write a literal brace as {{ or }}'
+            )
+        return template
 
     @property
     def resolved_template(self) -> str:
@@ -431,6 +448,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
             close = difflib.get_close_matches(loc[-1], allowed, n=1)
             hint = f" - did you mean '{close[0]}'?" if close else ""
             lines.append(f"  {path}: unknown field{hint} (allowed here: {', '.join(allowed)})")
+        elif e["type"] == "missing" and isinstance(e["loc"][-1], int):  # a tuple given too few items
+            lines.append(
+                f"  {path}: too few values (got {e.get('input')!r}); see lmp recipe show for the default"
+            )
         elif e["type"] == "value_error":
             lines.append(f"  {path}: {e['msg'].removeprefix('Value error, ')}")
         else:

@@ -80,6 +80,16 @@ def test_cross_field_rules():
         validate_recipe({"name": "x", "hybrid": {"random_fraction": 0.6, "keep_fraction": 0.6}})
     with pytest.raises(LmpError, match="eval.data_dir"):
         validate_recipe({"name": "x", "eval": {"tasks": ["blimp"]}})
+    with pytest.raises(LmpError, match=r"optim.betas: too few values \(got \[0.9\]\)"):
+        validate_recipe({"name": "x", "optim": {"betas": [0.9]}})
+
+
+@pytest.mark.parametrize("template", ["{src}: ", "URL: {value", "no field", "{value} {source}", "{}"])
+def test_meco_template_needs_exactly_the_value_field(template):
+    with pytest.raises(LmpError, match="data.metadata.template"):
+        validate_recipe({"name": "x", "data": {"metadata": {"template": template}}})
+    ok = validate_recipe({"name": "x", "data": {"metadata": {"template": "{{src}} {value}"}}})
+    assert ok.data.metadata.resolved_template.format(value="v") == "{src} v"
 
 
 def test_words_seen_defaults_to_ten_passes_of_the_budget():
