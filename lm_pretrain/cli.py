@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -156,6 +157,7 @@ def train(
         if code and status.is_file() and json.loads(status.read_text()).get("state") == "stopped":
             code = EXIT_STOPPED
         sys.exit(code)
+    began = time.perf_counter()
     try:
         result = run_training(loaded, run_dir, console=console, branch=branch, resume=resume)
     except KeyboardInterrupt:
@@ -184,8 +186,10 @@ def train(
         return
     first = f"{result.first_val_loss:.4f} -> " if result.first_val_loss is not None else ""
     prompt = "And God said" if loaded.data.path == "builtin:demo" else "The"  # the demo has the Bible
+    minutes = (time.perf_counter() - began) / 60
+    overall = f" ({result.seconds / 60:.1f} min of training in all)" if result.continued else ""
     console.print(
-        f"\n[bold green]done[/] in {result.seconds / 60:.1f} min: {result.steps} steps, "
+        f"\n[bold green]done[/] in {minutes:.1f} min{overall}: {result.steps} steps, "
         f"{result.tokens / 1e6:.2f}M tokens\n"
         f"validation loss {first}{result.final_val_loss:.4f} nats/token "
         f"(unigram entropy of the training tokens: {result.unigram_entropy:.4f})\n"

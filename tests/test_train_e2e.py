@@ -25,6 +25,7 @@ def test_train_export_generate_resume(bible_corpus, tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(vals) == 4  # before training, then at steps 20, 40, 60
+    assert records[0]["words"] == 0 and "val_loss" in records[0]  # plotted against words too
     assert vals[-1] < vals[0] - 1.0, vals  # learned well beyond chance
     assert all({"step", "tokens", "loss", "lr"} <= r.keys() for r in records if "loss" in r)
     summary = json.loads((run / "summary.json").read_text())
@@ -57,6 +58,7 @@ def test_train_export_generate_resume(bible_corpus, tmp_path):
     # running again with a longer budget resumes from step 60 instead of starting over
     out = run_cli(["train", *tiny_run_args(bible_corpus, cache, 80), "--out", str(run)])
     assert "resuming from" in out and "step 60" in out
+    assert "min of training in all)" in out  # this command's time, and the run's in all
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps.count(60) >= 1 and max(steps) == 80
     assert json.loads((run / "final" / "lmp.json").read_text())["step"] == 80

@@ -97,7 +97,8 @@ class TrainResult:
     first_val_loss: float | None
     final_val_loss: float | None
     unigram_entropy: float
-    seconds: float
+    seconds: float  # training time of the run over all its attempts (and its parent's, for a branch)
+    continued: bool = False  # started from a checkpoint (resumed or branched), not from scratch
     stopped_by_signal: bool = False
     already_finished: bool = False  # the run had reached its length: nothing was trained or written
 
@@ -672,7 +673,7 @@ def _train(
             model, val_batches, accelerator, document_bos
         )
         state["val_loss_step"] = 0
-        sink.log({"step": 0, "tokens": 0, "val_loss": state["val_loss"]})
+        sink.log({"step": 0, "tokens": 0, "words": 0, "val_loss": state["val_loss"]})
 
     step = state["step"]
     batches = TrainBatches(
@@ -881,6 +882,7 @@ def _train(
         final_val_loss=state["val_loss"],
         unigram_entropy=data.unigram_entropy,
         seconds=seconds,
+        continued=start_from is not None,
         stopped_by_signal=stopped,
     )
 
