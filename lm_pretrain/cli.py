@@ -212,6 +212,14 @@ def export(
 
     if milestones.exists() and not milestones.is_dir():
         raise LmpError(f"--milestones {milestones} is a file; give a folder to write the milestones into")
+    branch_file = run / "branch.json"
+    parent = json.loads(branch_file.read_text()) if branch_file.is_file() else None
+    if parent is not None and not Path(parent["parent_run"]).is_dir():
+        err_console.print(
+            f"warning: {run} branched from {parent['parent_run']}, which is gone; its milestones up to "
+            f"step {parent['parent_step']} (this branch's history) are not exported, only the branch's own",
+            highlight=False,
+        )
     written = export_milestones(run, milestones, git)
     for folder in written:
         console.print(f"  {folder}", highlight=False)

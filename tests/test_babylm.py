@@ -158,3 +158,16 @@ def test_branch_export_takes_parent_milestones_up_to_the_branch_point(tmp_path):
     contents = [(p / "model.safetensors").read_text() for p in written]
     assert contents == ["parent/chck_1M", "parent/chck_2M", "branch/chck_3M"]
     assert not (tmp_path / "out" / "chck_1M" / "optimizer.pt").exists()
+
+    # the parent moved away: the branch's own milestones, with a warning naming what is missing
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from lm_pretrain.cli import app
+
+    shutil.move(parent, tmp_path / "moved")
+    result = CliRunner().invoke(app, ["export", str(branch), "--milestones", str(tmp_path / "out2")])
+    assert result.exit_code == 0, result.output
+    assert "which is gone" in result.output and "up to step 25" in result.output
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["chck_3M"]
