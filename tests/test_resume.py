@@ -130,3 +130,42 @@ def test_stop_signal_saves_and_exits_75_then_resumes(bible_corpus, reference, si
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"resuming from {run / 'checkpoints' / f'step-{stopped_at}'}" in done.stdout.replace("\n", "")
     assert losses(run) == ref
+
+
+# a write that fails as on a full disk; the rest of training is real
+FAILING_WRITE = """
+import sys, torch
+real_save, calls = torch.save, []
+def save(obj, path, *args, **kwargs):
+    calls.append(path)
+    if len(calls) > {ok_writes}:
+        raise {error}
+    return real_save(obj, path, *args, **kwargs)
+torch.save = save
+from lm_pretrain.cli import app
+app(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("error", "expect"),
+    [
+        # disk full while saving step 10 (step 5's files written): named, with what survives
+        ('OSError(28, "No space left on device")', "could not write checkpoint"),
+        # any unexpected error: the traceback, then exit; the data worker must not keep us alive
+        ('ValueError("unexpected")', "ValueError: unexpected"),
+    ],
+)
+def test_failures_while_training_exit_promptly_and_keep_checkpoints(bible_corpus, reference, error, expect):
+    root, cache, _ = reference
+    run = root / f"failing-{expect.split()[0]}"
+    cmd = train_cmd(bible_corpus, cache, run)
+    ok_writes = 2  # optimizer.pt and rng-0.pt of step 5 (the model goes through safetensors)
+    cmd[1:3] = ["-c", FAILING_WRITE.format(ok_writes=ok_writes, error=error)]
+    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert expect in result.stdout + result.stderr
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"
+    complete = sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert complete == ["step-5"]

@@ -183,6 +183,18 @@ def train_loader(
     return iter(loader)
 
 
+def close_loader(loader: Iterator) -> None:
+    """End the data worker now. Needed when training raises: the traceback keeps the loader
+    alive, and at exit multiprocessing would wait forever for a worker that ignores SIGTERM."""
+    shutdown = getattr(loader, "_shutdown_workers", None)  # DataLoader's own orderly shutdown
+    if shutdown is not None:
+        shutdown()
+    for worker in getattr(loader, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     # SLURM signals every process of a job step, and Ctrl-C the whole process group: the worker
     # must outlive the trainer's final save

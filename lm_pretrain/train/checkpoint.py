@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from lm_pretrain.errors import LmpError
 from lm_pretrain.model.decoder import Decoder
@@ -125,14 +126,23 @@ def save_checkpoint(
     final = folder / name
     tmp = folder / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_model_folder(model, tokenizer_dir, tmp, {"kind": "checkpoint", **state})
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    for rank, rng in enumerate(rng_states or [rng_state()]):
-        torch.save(rng, tmp / f"rng-{rank}.pt")
-    for file_name, obj in (extra or {}).items():  # e.g. the weight average's state
-        torch.save(obj, tmp / file_name)
-    # trainer_state.json last: its presence is what marks a checkpoint as complete
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    try:
+        write_model_folder(model, tokenizer_dir, tmp, {"kind": "checkpoint", **state})
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        for rank, rng in enumerate(rng_states or [rng_state()]):
+            torch.save(rng, tmp / f"rng-{rank}.pt")
+        for file_name, obj in (extra or {}).items():  # e.g. the weight average's state
+            torch.save(obj, tmp / file_name)
+        # trainer_state.json last: its presence is what marks a checkpoint as complete
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    except (OSError, RuntimeError, SafetensorError) as exc:  # disk full, read-only, quota
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+        kept = step_checkpoints(run_dir)
+        newest = f"the newest complete checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
+        raise LmpError(
+            f"could not write checkpoint {final} ({exc}); {newest}. Free disk space (or fix the "
+            "folder's permissions) and run the same command to resume"
+        ) from None
     publish(tmp, final)
     for old in [p for p in step_checkpoints(run_dir) if _STEP_DIR.match(p.name)][:-keep_last]:
         shutil.rmtree(old)

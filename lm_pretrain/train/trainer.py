@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from lm_pretrain.data.loader import (
     PackedWindows,
     TrainBatches,
     causal_mask,
+    close_loader,
     document_bounds,
     document_masks,
     document_positions,
@@ -407,8 +408,9 @@ def train(
     console = console or Console()
     is_main = os.environ.get("RANK", "0") == "0"  # set by torch.distributed launchers
     try:
-        with StopFlag() as stop:
-            result = _train(recipe, run_dir, console, branch, resume, stop)
+        # cleanup: what must end even when training raises (the data worker would outlive us)
+        with StopFlag() as stop, ExitStack() as cleanup:
+            result = _train(recipe, run_dir, console, branch, resume, stop, cleanup)
     except KeyboardInterrupt:
         if is_main and _started_here(run_dir):
             write_status(run_dir, "stopped", signal=int(signal.SIGINT), saved=False)
@@ -456,7 +458,13 @@ def _started_here(run_dir: Path) -> bool:
 
 
 def _train(
-    recipe: Recipe, run_dir: Path, console: Console, branch: Branch | None, resume: bool, stop: StopFlag
+    recipe: Recipe,
+    run_dir: Path,
+    console: Console,
+    branch: Branch | None,
+    resume: bool,
+    stop: StopFlag,
+    cleanup: ExitStack,
 ) -> TrainResult:
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
@@ -691,6 +699,7 @@ def _train(
         masker=masker,
     )
     loader = train_loader(batches, cfg.data_worker, pin_memory=accelerator.device.type == "cuda")
+    cleanup.callback(close_loader, loader)
     data_wait = 0.0  # seconds the loop waited for batches in this log interval
     pending_milestones = [m for m in milestone_words() if m > state["words"]]
     started = time.perf_counter() - state["seconds"]
