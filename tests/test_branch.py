@@ -147,6 +147,49 @@ def test_out_refuses_files_and_foreign_folders(bible_corpus, tmp_path):
     assert sorted(p.name for p in foreign.iterdir()) == ["config.json"]
 
 
+def test_continuing_needs_the_same_corpus_and_a_checkpoint(bible_corpus, tmp_path):
+    import shutil
+
+    from lm_pretrain.data.prepare import prepare_data
+    from lm_pretrain.recipe import load_recipe
+
+    corpus, cache, run = tmp_path / "corpus.jsonl", tmp_path / "cache", tmp_path / "run"
+    lines = bible_corpus.read_text().splitlines(keepends=True)
+    edited = [line.replace("the", "teh") for line in lines]
+
+    def tokenizer_of(corpus_lines: list[str]) -> bytes:
+        corpus.write_text("".join(corpus_lines))
+        args = tiny_run_args(corpus, cache, 10)
+        recipe = load_recipe(Path(args[0]), [a for a in args[1:] if a != "--set"])
+        return prepare_data(recipe).tokenizer_path.read_bytes()
+
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer_of(lines))
+    with_tokenizer = {"checkpoint.every": 10, "tokenizer.path": tokenizer}
+    invoke(["train", *tiny_run_args(corpus, cache, 10, **with_tokenizer), "--out", str(run)])
+    digest = tree_digest(run)
+
+    def refused(named: str) -> None:
+        args = tiny_run_args(corpus, cache, 20, **with_tokenizer)
+        result = CliRunner().invoke(app, ["train", *args, "--out", str(run)])
+        assert result.exit_code == 2 and named in result.output, result.output
+        assert tree_digest(run) == digest
+
+    # the tokenizer file replaced by one of another corpus: the weights would read other ids
+    tokenizer.write_bytes(tokenizer_of(edited))
+    corpus.write_text("".join(lines))
+    refused("token ids map differently")
+    # the same tokenizer over other documents: the data position would point into other text
+    tokenizer.write_bytes(tokenizer_of(lines))
+    corpus.write_text("".join(lines[:-5]))
+    refused("is not the one")
+    # a trained run whose checkpoints are gone is not silently started over
+    corpus.write_text("".join(lines))
+    shutil.rmtree(run / "checkpoints")
+    digest = tree_digest(run)
+    refused("no checkpoint to continue from")
+
+
 def test_training_needs_held_out_documents(bible_corpus, tmp_path):
     args = tiny_run_args(bible_corpus, tmp_path / "cache", 10)
     result = CliRunner().invoke(

@@ -49,6 +49,7 @@ class PreparedData:
     unigram_entropy: float  # nats/token of the train tokens' unigram distribution
     reused: bool  # the token shards came from the cache
     special_ids: dict[str, int]  # pad, bos, eos, mask
+    corpus_fingerprint: str  # a hash of every document, to tell whether a run's corpus changed
     train_meta: TokenShard | None = None  # the train split with metadata prefixes (data.metadata)
 
 
@@ -179,8 +180,9 @@ def prepare_data(recipe: Recipe, console: Console | None = None, show_progress: 
     shard_splits = dict(splits)
     if metadata is not None:  # MeCo: the train documents again, each after its metadata prefix
         shard_splits["train_meta"] = with_metadata(train_docs, metadata)
+    fingerprint = corpus_fingerprint(docs)
     key = _key(
-        corpus_fingerprint(docs),
+        fingerprint,
         repr(recipe.data.validation_fraction),
         tok_path.read_bytes(),
         str(FORMAT_VERSION),
@@ -230,5 +232,6 @@ def prepare_data(recipe: Recipe, console: Console | None = None, show_progress: 
         unigram_entropy=entropy,
         reused=reused,
         special_ids=ids,
+        corpus_fingerprint=fingerprint,
         train_meta=train_meta,
     )

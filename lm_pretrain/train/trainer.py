@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, set_seed
 from rich.console import Console
+from tokenizers import Tokenizer
 
 from lm_pretrain.average import WeightAverager
 from lm_pretrain.data.loader import (
@@ -37,7 +38,7 @@ from lm_pretrain.data.loader import (
     validation_batches,
 )
 from lm_pretrain.data.masking import VALIDATION_SAMPLES, MntpMasker, objective_weights
-from lm_pretrain.data.prepare import prepare_data
+from lm_pretrain.data.prepare import PreparedData, prepare_data
 from lm_pretrain.data.tokenizer import save_hf_tokenizer, special_token_ids
 from lm_pretrain.errors import LmpError
 from lm_pretrain.milestones import milestone_name, milestone_words
@@ -327,6 +328,12 @@ def _start_state(run_dir: Path, branch: Branch | None, resume: bool) -> tuple[Pa
         return existing[-1], record
     if resume:
         raise LmpError(f"--resume: {run_dir} holds no checkpoint to resume from")
+    if (run_dir / "final").exists() or (run_dir / "summary.json").exists():
+        raise LmpError(
+            f"{run_dir} holds a trained run (final/, summary.json) but no checkpoint to continue from; "
+            f"training again would overwrite its model and metrics. Train into a new folder with --out, "
+            f"or delete {run_dir} first to start it over"
+        )
     if branch is None:
         return None, None
     if not (branch.checkpoint / "trainer_state.json").is_file():
@@ -342,6 +349,27 @@ def _start_state(run_dir: Path, branch: Branch | None, resume: bool) -> tuple[Pa
         "decay_steps": branch.resolve_decay(start_step),
     }
     return branch.checkpoint, record
+
+
+def _check_same_data(checkpoint: Path, state: dict, data: PreparedData, recipe: Recipe) -> None:
+    """Refuse to continue a checkpoint on another corpus or under another tokenizer: its weights
+    would read other token ids, and its data position would point into other text."""
+    saved = checkpoint / "tokenizer.json"
+    if saved.is_file():
+        before = Tokenizer.from_file(str(saved)).get_vocab()
+        moved = sum(before.get(token) != i for token, i in data.tokenizer.get_vocab().items())
+        if moved:
+            raise LmpError(
+                f"the tokenizer for this corpus differs from the one {checkpoint} was trained with "
+                f"({moved:,} token ids map differently): the corpus (data.path {recipe.data.path}) or "
+                "tokenizer.path changed since the run started. Restore them, or train into a new folder with --out"
+            )
+    if state.get("corpus", data.corpus_fingerprint) != data.corpus_fingerprint:
+        raise LmpError(
+            f"the corpus at data.path {recipe.data.path} is not the one {checkpoint} was trained on (its "
+            "documents changed since the run started), so the run cannot continue where it stopped. "
+            "Restore the corpus, or train on the new one into a new folder with --out"
+        )
 
 
 def _is_run_folder(path: Path) -> bool:
@@ -523,6 +551,8 @@ def _train(
 
     # read and loaded before the run is marked running: a damaged checkpoint is refused untouched
     checkpoint = read_checkpoint(start_from, accelerator.process_index) if start_from is not None else None
+    if checkpoint is not None:
+        _check_same_data(start_from, checkpoint.state, data, recipe)
     ids = special_token_ids(data.tokenizer, recipe.tokenizer)
     tokenizer_dir = run_dir / "tokenizer"
     set_seed(recipe.seed)
@@ -566,6 +596,7 @@ def _train(
         "first_val_loss": None,
         "seconds": 0.0,
         "skipped_steps": 0,
+        "corpus": data.corpus_fingerprint,
     }
     if checkpoint is not None:
         if fsdp:
