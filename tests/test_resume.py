@@ -169,3 +169,20 @@ def test_failures_while_training_exit_promptly_and_keep_checkpoints(bible_corpus
     assert json.loads((run / "status.json").read_text())["state"] == "failed"
     complete = sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("."))
     assert complete == ["step-5"]
+
+
+@pytest.mark.slow
+def test_a_second_trainer_into_a_running_folder_is_refused(bible_corpus, reference):
+    root, cache, _ = reference
+    run = root / "busy"
+    cmd = train_cmd(bible_corpus, cache, run)
+    cmd[cmd.index("train.max_steps=40")] = "train.max_steps=100000"  # still running when we look
+    first = start(cmd)
+    wait_until(first, lambda: (run / "checkpoints" / "step-5" / "trainer_state.json").is_file())
+    second = subprocess.run(cmd, env=env(), capture_output=True, text=True)
+    assert second.returncode == 2 and "is in use by another lmp train (pid" in second.stderr
+    assert first.poll() is None
+    os.killpg(first.pid, signal.SIGTERM)
+    assert first.wait(timeout=120) == EXIT_STOPPED
+    steps = sorted(losses(run))  # no step logged twice
+    assert steps == list(range(1, steps[-1] + 1))  # the first run's log is whole

@@ -6,10 +6,12 @@ visible here in one loop.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from contextlib import ExitStack, nullcontext
@@ -372,6 +374,27 @@ def _check_same_data(checkpoint: Path, state: dict, data: PreparedData, recipe: 
         )
 
 
+def _lock_run_folder(run_dir: Path, cleanup: ExitStack) -> None:
+    """Hold run_dir/.lock while training: a second `lmp train` into the same folder would
+    resume from checkpoints the first is still writing and interleave both logs. The kernel
+    drops the lock when the process ends, however it ends."""
+    handle = cleanup.enter_context((run_dir / ".lock").open("a+"))
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        raise LmpError(
+            f"{run_dir} is in use by another lmp train ({holder}); wait for it to end or stop it "
+            "(it saves a checkpoint on SIGTERM), or train into another folder with --out"
+        ) from None
+    except OSError:  # a filesystem without locks (some network mounts): train unguarded
+        return
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+
+
 def _is_run_folder(path: Path) -> bool:
     return (path / "recipe.yaml").is_file() or (path / "status.json").is_file()
 
@@ -572,6 +595,7 @@ def _train(
         load_weights(model, checkpoint, start_from)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _lock_run_folder(run_dir, cleanup)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
         if branch_record is not None:
             (run_dir / "branch.json").write_text(json.dumps(branch_record, indent=2) + "\n")
