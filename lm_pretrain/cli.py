@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from lm_pretrain.errors import LmpError
+from lm_pretrain.errors import LmpError, check_writable
 
 app = typer.Typer(
     help="lmp: pretrain small language models from a YAML recipe.",
@@ -67,7 +67,8 @@ def output_file(path: Path, option: str, suffixes: tuple[str, ...] = ()) -> Path
         raise LmpError(f"{option} {path}: a folder in that path is a file") from None
     except OSError as exc:
         raise LmpError(f"{option} {path}: cannot create its folder ({exc.strerror})") from None
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    check_writable(path.parent, option)
+    if path.exists() and not os.access(path, os.W_OK):
         raise LmpError(f"{option} {path}: no permission to write there")
     return path
 

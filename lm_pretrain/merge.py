@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lm_pretrain.errors import LmpError
+from lm_pretrain.errors import LmpError, check_writable
 
 METHODS = ("uniform", "weighted", "ema", "loss", "greedy")
 CONFIG_FILE = "config.json"
@@ -530,10 +530,21 @@ def _check_output(out: Path, folders: list[Path], force: bool) -> None:
             raise LmpError(
                 f"--out {out} overlaps the input {folder}; inputs are never modified, pick another --out"
             )
-    if out.exists() and not force:
-        raise LmpError(f"--out {out} already exists; pass --force to replace it, or pick another folder")
     if out.exists() and not out.is_dir():
         raise LmpError(f"--out {out} is a file; pick a folder name")
+    if out.exists() and not force:
+        raise LmpError(f"--out {out} already exists; pass --force to replace it, or pick another folder")
+    # --force replaces an earlier model folder, never a run or a folder of other things
+    run_files = [n for n in ("recipe.yaml", "status.json", "checkpoints") if (out / n).exists()]
+    if run_files:
+        raise LmpError(
+            f"--out {out} is a training run ({', '.join(run_files)}); it is never replaced, pick another folder"
+        )
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise LmpError(
+            f"--out {out} holds files but no model (config.json); it is not replaced, pick another folder"
+        )
+    check_writable(out, "--out")
 
 
 def _write_output(

@@ -280,8 +280,20 @@ def test_existing_output_needs_force_and_inputs_are_protected(run, tmp_path):
     (out / "keep.txt").write_text("mine")
     assert "--force" in cli(["merge-checkpoints", *inputs, "--out", out], code=2)
     assert (out / "keep.txt").read_text() == "mine"
-    cli(["merge-checkpoints", *inputs, "--out", out, "--force"])
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    # --force replaces an earlier merge, never a folder of other files or a training run
+    assert "holds files but no model" in cli(["merge-checkpoints", *inputs, "--out", out, "--force"], code=2)
+    assert (out / "keep.txt").read_text() == "mine"
+    other_run = tmp_path / "other-run"
+    other_run.mkdir()
+    (other_run / "recipe.yaml").write_text("name: other\n")
+    (other_run / "config.json").write_text("{}\n")
+    assert "is a training run" in cli(["merge-checkpoints", *inputs, "--out", other_run, "--force"], code=2)
+    assert sorted(p.name for p in other_run.iterdir()) == ["config.json", "recipe.yaml"]
+    merged = tmp_path / "merged"
+    cli(["merge-checkpoints", *inputs, "--out", merged])
+    (merged / "stale.txt").write_text("from before")
+    cli(["merge-checkpoints", *inputs, "--out", merged, "--force"])
+    assert not (merged / "stale.txt").exists() and (merged / "model.safetensors").is_file()
     # an input as the output is refused even with --force
     before = tree_digest(inputs[0])
     assert "inputs are never modified" in cli(

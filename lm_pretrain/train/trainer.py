@@ -42,7 +42,7 @@ from lm_pretrain.data.loader import (
 from lm_pretrain.data.masking import VALIDATION_SAMPLES, MntpMasker, objective_weights
 from lm_pretrain.data.prepare import PreparedData, prepare_data
 from lm_pretrain.data.tokenizer import save_hf_tokenizer, special_token_ids
-from lm_pretrain.errors import LmpError
+from lm_pretrain.errors import LmpError, check_writable
 from lm_pretrain.milestones import milestone_name, milestone_words
 from lm_pretrain.model.decoder import Decoder, DecoderConfig, use_varlen_attention
 from lm_pretrain.plot import write_run_plot
@@ -418,6 +418,7 @@ def plan_start(recipe: Recipe, run_dir: Path, branch: Branch | None, resume: boo
             "training reports validation loss on held-out documents: set data.validation_fraction "
             "above 0 (0.01 is usual)"
         )
+    check_writable(run_dir, "run folder")
     checkpoint, branch_record = _start_state(run_dir, branch, resume)
     changes = []
     if checkpoint is not None and checkpoint.parent.parent == run_dir:
