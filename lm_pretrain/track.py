@@ -24,9 +24,14 @@ from lm_pretrain.recipe import Recipe
 def write_status(run_dir: Path, state: str, **extra: Any) -> None:
     """<run>/status.json: running | finished | stopped | failed, for `lmp runs` and resume."""
     record = {"state": state, "pid": os.getpid(), "updated": round(time.time(), 3), **extra}
-    tmp = run_dir / ".status.json.tmp"
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, run_dir / "status.json")
+    write_atomic(run_dir / "status.json", json.dumps(record) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary sibling and a rename: a kill leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:

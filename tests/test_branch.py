@@ -129,6 +129,14 @@ def test_branch_flag_errors(bible_corpus, tmp_path):
         app, ["train", *args, "--branch-from", str(tmp_path), "--out", str(tmp_path / "b")]
     )
     assert result.exit_code == 2 and "not an lmp checkpoint" in result.output
+    damaged = tmp_path / "checkpoints" / "step-5"
+    damaged.mkdir(parents=True)
+    (damaged / "trainer_state.json").write_text('{"step": 5')
+    result = CliRunner().invoke(
+        app, ["train", *args, "--branch-from", str(damaged), "--out", str(tmp_path / "b")]
+    )
+    assert result.exit_code == 2 and "trainer_state.json is damaged" in result.output, result.output
+    assert "branch from another checkpoint" in result.output
 
 
 def test_out_refuses_files_and_foreign_folders(bible_corpus, tmp_path):

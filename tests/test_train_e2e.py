@@ -55,6 +55,11 @@ def test_train_export_generate_resume(bible_corpus, tmp_path):
     assert "already finished its 60 steps" in out and "done in" not in out
     assert {p: p.stat().st_mtime_ns for p in (run / "final").iterdir()} == before
 
+    # a summary cut short by a kill: the final export is redone and the summary rewritten
+    (run / "summary.json").write_text('{"step": 6')
+    run_cli(["train", *tiny_run_args(bible_corpus, cache, 60), "--out", str(run)])
+    assert json.loads((run / "summary.json").read_text())["step"] == 60
+
     # running again with a longer budget resumes from step 60 instead of starting over
     out = run_cli(["train", *tiny_run_args(bible_corpus, cache, 80), "--out", str(run)])
     assert "resuming from" in out and "step 60" in out

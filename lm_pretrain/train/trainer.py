@@ -47,7 +47,7 @@ from lm_pretrain.milestones import milestone_name, milestone_words
 from lm_pretrain.model.decoder import Decoder, DecoderConfig, use_varlen_attention
 from lm_pretrain.plot import write_run_plot
 from lm_pretrain.recipe import OptimConfig, Recipe, load_recipe, recipe_changes
-from lm_pretrain.track import MetricsSink, TrainProgress, truncate_metrics, write_status
+from lm_pretrain.track import MetricsSink, TrainProgress, truncate_metrics, write_atomic, write_status
 from lm_pretrain.train import sharding
 from lm_pretrain.train.checkpoint import (
     load_weights,
@@ -315,7 +315,7 @@ def _start_state(run_dir: Path, branch: Branch | None, resume: bool) -> tuple[Pa
         )
     existing = step_checkpoints(run_dir)
     branch_file = run_dir / "branch.json"
-    record = json.loads(branch_file.read_text()) if branch_file.is_file() else None
+    record = _read_json(branch_file, "train into a new folder with --out") if branch_file.is_file() else None
     if existing:
         if branch is not None and record is None:
             raise LmpError(f"{run_dir} already holds a run; give the branch its own folder with --out")
@@ -343,7 +343,9 @@ def _start_state(run_dir: Path, branch: Branch | None, resume: bool) -> tuple[Pa
             f"--branch-from {branch.checkpoint} is not an lmp checkpoint (no trainer_state.json); "
             "pass a runs/<name>/checkpoints/step-<N> folder"
         )
-    start_step = json.loads((branch.checkpoint / "trainer_state.json").read_text())["step"]
+    start_step = _read_json(branch.checkpoint / "trainer_state.json", "branch from another checkpoint")[
+        "step"
+    ]
     record = {
         "parent_run": str(branch.checkpoint.resolve().parent.parent),
         "parent_step": start_step,
@@ -393,6 +395,13 @@ def _lock_run_folder(run_dir: Path, cleanup: ExitStack) -> None:
     handle.truncate(0)
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
+
+
+def _read_json(path: Path, fix: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LmpError(f"{path} is damaged ({exc}); {fix}") from None
 
 
 def _is_run_folder(path: Path) -> bool:
@@ -486,7 +495,10 @@ def _finished_result(run_dir: Path, start_from: Path | None, steps: int) -> Trai
     if start_from is None or start_from.parent.parent != run_dir or not (run_dir / "summary.json").is_file():
         return None
     step = json.loads((start_from / "trainer_state.json").read_text())["step"]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except ValueError:  # cut short by a kill: redo the final export, which rewrites it
+        return None
     if step < steps or summary.get("step") != step:  # not done, or final/ is from an earlier length
         return None
     return TrainResult(
@@ -597,9 +609,9 @@ def _train(
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _lock_run_folder(run_dir, cleanup)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
         if branch_record is not None:
-            (run_dir / "branch.json").write_text(json.dumps(branch_record, indent=2) + "\n")
+            write_atomic(run_dir / "branch.json", json.dumps(branch_record, indent=2) + "\n")
         write_status(run_dir, "running")
         tokenizer_dir.mkdir(exist_ok=True)
         save_hf_tokenizer(data.tokenizer, tokenizer_dir, recipe.tokenizer, recipe.model.max_seq_len)
@@ -933,9 +945,10 @@ def _train(
                 tmp = run_dir / ".tmp-final-avg"
                 write_model_folder(core, tokenizer_dir, tmp, {"kind": "final-avg", **state})
                 publish(tmp, run_dir / "final-avg")
-        (run_dir / "summary.json").write_text(
+        write_atomic(
+            run_dir / "summary.json",
             json.dumps({**state, "unigram_entropy": data.unigram_entropy, "seconds": seconds}, indent=2)
-            + "\n"
+            + "\n",
         )
     sink.close()
     accelerator.wait_for_everyone()
