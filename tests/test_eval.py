@@ -268,6 +268,9 @@ def test_mlm_and_mntp_pseudo_log_likelihood(tiny_run, tmp_path):
             score_one_at_a_time(sm, sentences, completions),
             atol=1e-4,
         )
+    # a masked LM under the default causal backend: refused with the backend that fits
+    result = CliRunner().invoke(app, ["eval", str(folder), "--tasks", "probe"])
+    assert result.exit_code == 2 and "use --backend mntp or mlm" in result.output, result.output
     # by hand for mlm: mask each word token in turn, read the prediction at its own position
     ids = mlm.tokenizer(sentences[0])["input_ids"]
     expected = 0.0

@@ -59,6 +59,9 @@ def load_scoring_model(folder: Path, backend: str = "causal", device: str | None
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     auto = AutoModelForCausalLM if backend == "causal" else AutoModelForMaskedLM
+    wrong_kind = _load_hint(folder, backend)
+    if wrong_kind:  # transformers would load e.g. a BERT as a causal model and score nonsense
+        raise LmpError(f"{folder} does not fit the {backend} backend{wrong_kind}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             folder, padding_side="right", trust_remote_code=True, local_files_only=True
