@@ -259,6 +259,15 @@ def test_tokenizer_round_trip(small_tokenizer):
     assert len(tok.encode(english).ids) < len(english.encode()) / 2
 
 
+def test_long_runs_without_spaces_are_cut_before_bpe(small_tokenizer):
+    # one 250-character "word" (base64, minified code) must not become one BPE piece: training
+    # time grows with the square of a piece's length
+    pieces = small_tokenizer.pre_tokenizer.pre_tokenize_str("x" * 250 + " and more")
+    assert [len(p) for p, _ in pieces] == [100, 100, 50, 4, 5]
+    text = "A9z+" * 300
+    assert small_tokenizer.decode(small_tokenizer.encode(text).ids) == text  # still round-trips
+
+
 def test_hf_tokenizer_folder_loads_in_transformers(small_tokenizer, tmp_path):
     from transformers import AutoTokenizer
 

@@ -35,7 +35,7 @@ from lm_pretrain.data.tokenizer import load_tokenizer, special_token_ids, train_
 from lm_pretrain.errors import LmpError
 from lm_pretrain.recipe import Recipe
 
-TOKENIZER_FORMAT_VERSION = 1
+TOKENIZER_FORMAT_VERSION = 2  # 2: long non-space runs split before BPE
 
 
 @dataclass

@@ -13,12 +13,13 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from lm_pretrain.errors import LmpError
 from lm_pretrain.recipe import TokenizerConfig
 
 SPECIAL_ROLES = ("pad", "bos", "eos", "mask")
+MAX_PIECE = 100
 
 
 def special_tokens(cfg: TokenizerConfig) -> dict[str, str]:
@@ -42,7 +43,14 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, show_progress: b
     """Train a byte-level BPE with `cfg.vocab_size` entries (fewer if the corpus runs out of merges)."""
     specials = special_tokens(cfg)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            # runs of 100+ non-space characters (base64, minified code) cut into 100-character
+            # pieces: BPE training time grows with the square of a piece's length
+            pre_tokenizers.Split(Regex(rf"\S{{{MAX_PIECE}}}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
