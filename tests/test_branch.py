@@ -129,6 +129,10 @@ def test_branch_flag_errors(bible_corpus, tmp_path):
         app, ["train", *args, "--branch-from", str(tmp_path), "--out", str(tmp_path / "b")]
     )
     assert result.exit_code == 2 and "not an lmp checkpoint" in result.output
+    result = CliRunner().invoke(
+        app, ["train", *args, "--branch-from", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]
+    )
+    assert result.exit_code == 2 and "nope does not exist" in result.output, result.output
     damaged = tmp_path / "checkpoints" / "step-5"
     damaged.mkdir(parents=True)
     (damaged / "trainer_state.json").write_text('{"step": 5')

@@ -137,6 +137,13 @@ def test_jsonl_reader(tmp_path):
     assert docs[1].meta["src"] == "books"
     # a folder holding only jsonl files is read as jsonl
     assert len(read_corpus(DataConfig(path=str(tmp_path)))) == 2
+    # a byte-order mark (Windows editors) is not part of the first line
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert read_corpus(DataConfig(path=str(path), source_field="src"))[0].text == "Hello there."
+    # a null source is named, not read as a source called "None"
+    path.write_text(json.dumps({"text": "x", "src": None}) + "\n")
+    with pytest.raises(LmpError, match=r"mix.jsonl:1: the source field 'src' is null"):
+        read_corpus(DataConfig(path=str(path), source_field="src"))
 
 
 def test_jsonl_missing_text_field(tmp_path):
@@ -313,6 +320,14 @@ def test_load_tokenizer(small_tokenizer, tmp_path):
 
 
 # ---------------------------------------------------------------- shards and the prepare cache
+
+
+def test_a_vocabulary_the_corpus_cannot_fill_is_reported(small_corpus, tmp_path):
+    out = _quiet()
+    data = prepare_data(_recipe(small_corpus, tmp_path / "cache", vocab_size=60_000), console=out)
+    n = data.tokenizer.get_vocab_size()
+    assert n < 60_000
+    assert f"only {n:,} of tokenizer.vocab_size 60,000" in out.file.getvalue().replace("\n", " ")
 
 
 def test_prepare_builds_then_reuses(small_corpus, tmp_path):

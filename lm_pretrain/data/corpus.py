@@ -181,10 +181,11 @@ def _read_text_file(path: Path, lines_per_document: int) -> list[Document]:
 
 
 def _open_text(path: Path):
-    # newline=None turns \r\n into \n so Windows files tokenize like Unix ones
+    # newline=None turns \r\n into \n so Windows files tokenize like Unix ones; utf-8-sig drops
+    # the byte-order mark some Windows editors write
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline=None)
-    return open(path, encoding="utf-8", newline=None)
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline=None)
+    return open(path, encoding="utf-8-sig", newline=None)
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -224,6 +225,11 @@ def _read_jsonl(path: Path, cfg: DataConfig) -> list[Document]:
             )
         source = default_source
         if cfg.source_field is not None:
+            if obj.get(cfg.source_field, "") is None:
+                raise LmpError(
+                    f"{path}:{lineno}: the source field {cfg.source_field!r} is null; give every line a "
+                    "source, or set data.source_field to null to name sources after the file"
+                )
             if cfg.source_field not in obj:
                 raise LmpError(
                     f"{path}:{lineno}: no source field {cfg.source_field!r} (keys found: {', '.join(obj)}); "

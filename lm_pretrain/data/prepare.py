@@ -125,6 +125,11 @@ def _prepare_tokenizer(
     _build_atomically(folder, build, lambda f: (f / "tokenizer.json").is_file())
     tok = load_tokenizer(path, cfg)
     how = "trained on the train split"
+    if cfg.path is None and tok.get_vocab_size() < cfg.vocab_size:
+        how += (
+            f" (only {tok.get_vocab_size():,} of tokenizer.vocab_size {cfg.vocab_size:,}: the corpus ran out "
+            f"of merges seen {cfg.min_frequency}+ times; the model uses the smaller vocabulary)"
+        )
     if cfg.path is not None:
         how = f"copied from {cfg.path} (its own vocabulary: tokenizer.vocab_size is not used)"
     console.print(

@@ -338,6 +338,10 @@ def _start_state(run_dir: Path, branch: Branch | None, resume: bool) -> tuple[Pa
         )
     if branch is None:
         return None, None
+    if not branch.checkpoint.exists():
+        raise LmpError(
+            f"--branch-from {branch.checkpoint} does not exist; pass a runs/<name>/checkpoints/step-<N> folder"
+        )
     if not (branch.checkpoint / "trainer_state.json").is_file():
         raise LmpError(
             f"--branch-from {branch.checkpoint} is not an lmp checkpoint (no trainer_state.json); "
