@@ -6,6 +6,7 @@ visible here in one loop.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
@@ -382,20 +383,21 @@ def _check_same_data(checkpoint: Path, state: dict, data: PreparedData, recipe: 
 
 def _lock_run_folder(run_dir: Path, cleanup: ExitStack) -> None:
     """Hold run_dir/.lock while training: a second `lmp train` into the same folder would
-    resume from checkpoints the first is still writing and interleave both logs. The kernel
-    drops the lock when the process ends, however it ends."""
+    resume from checkpoints the first is still writing and interleave both logs. A POSIX lock:
+    the kernel drops it when this process ends, however it ends, and forked children (the data
+    worker, which may outlive a killed trainer by seconds) do not hold it."""
     handle = cleanup.enter_context((run_dir / ".lock").open("a+"))
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            return  # a filesystem without locks (some network mounts): train unguarded
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         raise LmpError(
             f"{run_dir} is in use by another lmp train ({holder}); wait for it to end or stop it "
             "(it saves a checkpoint on SIGTERM), or train into another folder with --out"
         ) from None
-    except OSError:  # a filesystem without locks (some network mounts): train unguarded
-        return
     handle.truncate(0)
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
