@@ -9,13 +9,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from lm_pretrain.errors import LmpError, check_writable
+
+if TYPE_CHECKING:
+    from lm_pretrain.recipe import Recipe
 
 app = typer.Typer(
     help="lmp: pretrain small language models from a YAML recipe.",
@@ -51,6 +54,17 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+def _longer_hint(recipe: Recipe) -> str:
+    sched = recipe.schedule
+    if sched.kind == "cosine" or (sched.kind in ("wsd", "infinite") and sched.decay > 0):
+        return (
+            "Its LR has decayed to the end: a larger train.max_steps moves the decay later, so the LR "
+            "jumps back up when it resumes. To go on at the stable LR, fork a checkpoint from before "
+            "the decay into a new folder (--branch-from CKPT --set train.max_steps=N --out DIR)."
+        )
+    return "To train longer, raise train.max_steps (or max_tokens, max_words_seen) with --set."
 
 
 def output_file(path: Path, option: str, suffixes: tuple[str, ...] = ()) -> Path:
@@ -178,7 +192,7 @@ def train(
             f"A decay branch's length is set by its decay ({decay} steps): for another decay, branch "
             "again into a new folder with --out and other --decay-steps / --decay-fraction."
             if decay is not None
-            else "To train longer, raise train.max_steps (or max_tokens, max_words_seen) with --set."
+            else _longer_hint(loaded)
         )
         console.print(
             f"{run_dir} already finished its {result.steps} steps; its model is {run_dir / 'final'}. {longer}",

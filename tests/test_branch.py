@@ -143,6 +143,22 @@ def test_branch_flag_errors(bible_corpus, tmp_path):
     assert "branch from another checkpoint" in result.output
 
 
+def test_decay_branch_from_a_decayed_checkpoint_is_refused(bible_corpus, tmp_path):
+    decayed = tmp_path / "decayed"
+    args = tiny_run_args(
+        bible_corpus, tmp_path / "cache", 20, **{"schedule.decay": 0.5, "checkpoint.every": 10}
+    )
+    invoke(["train", *args, "--out", str(decayed)])
+    # step 20 ends the decay (LR 0): a "decay" from there would train at LR 0
+    last = ["--branch-from", str(decayed / "checkpoints" / "step-20"), "--decay-steps", "5"]
+    result = CliRunner().invoke(app, ["train", *args, *last, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "at the end of its run's decay" in result.output, result.output
+    assert "before step 10" in result.output and not (tmp_path / "b").exists()
+    # step 10 is where the decay begins, still at the peak: a fine branch point
+    first = ["--branch-from", str(decayed / "checkpoints" / "step-10"), "--decay-steps", "5"]
+    invoke(["train", *args, *first, "--out", str(tmp_path / "ok")])
+
+
 def test_out_refuses_files_and_foreign_folders(bible_corpus, tmp_path):
     args = tiny_run_args(bible_corpus, tmp_path / "cache", 10)
     target = tmp_path / "notes.txt"

@@ -53,6 +53,7 @@ def test_train_export_generate_resume(bible_corpus, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in (run / "final").iterdir()}
     out = run_cli(["train", *tiny_run_args(bible_corpus, cache, 60), "--out", str(run)])
     assert "already finished its 60 steps" in out and "done in" not in out
+    assert "LR has decayed to the end" in out  # more steps would re-warm it: the hint says so
     assert {p: p.stat().st_mtime_ns for p in (run / "final").iterdir()} == before
 
     # a summary cut short by a kill: the final export is redone and the summary rewritten
@@ -64,6 +65,7 @@ def test_train_export_generate_resume(bible_corpus, tmp_path):
     out = run_cli(["train", *tiny_run_args(bible_corpus, cache, 80), "--out", str(run)])
     assert "resuming from" in out and "step 60" in out
     assert "min of training in all)" in out  # this command's time, and the run's in all
+    assert "the LR at step 60 goes from 0% to 100% of the peak" in out  # the moved decay is pointed out
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps.count(60) >= 1 and max(steps) == 80
     assert json.loads((run / "final" / "lmp.json").read_text())["step"] == 80

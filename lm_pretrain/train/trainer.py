@@ -60,7 +60,7 @@ from lm_pretrain.train.checkpoint import (
     step_checkpoints,
     write_model_folder,
 )
-from lm_pretrain.train.schedule import Decay, make_schedule
+from lm_pretrain.train.schedule import Decay, Schedule, make_schedule
 
 # `lmp train` exits with this code when a signal stopped it after saving: resubmit to resume
 EXIT_STOPPED = 75
@@ -403,6 +403,20 @@ def _lock_run_folder(run_dir: Path, cleanup: ExitStack) -> None:
     handle.flush()
 
 
+def _lr_jump(saved: Path, schedule: Schedule, step: int, words_per_token: float) -> str | None:
+    """A new length moves a final decay: a warning when the LR at the resume step changes."""
+    before = load_recipe(saved)
+    tokens_per_step = before.train.batch_size * before.seq_len
+    old = make_schedule(before.schedule, total_steps(before, words_per_token), tokens_per_step)(step)
+    new = schedule(step)
+    if abs(new - old) <= 0.05 * max(old, new):
+        return None
+    return (
+        f"  warning: the new length moves the schedule's decay: the LR at step {step} goes from "
+        f"{old:.0%} to {new:.0%} of the peak"
+    )
+
+
 def _read_json(path: Path, fix: str) -> dict:
     try:
         return json.loads(path.read_text())
@@ -572,6 +586,19 @@ def _train(
                 plan.parent_recipe.schedule, total_steps(plan.parent_recipe, words_per_token), tokens_per_step
             )
             branch_record["start_lr_ratio"] = parent(start)
+            decay_start = parent.total - parent.decay
+            if parent.decay and start > decay_start:
+                ratio = branch_record["start_lr_ratio"]
+                where = (
+                    f"at the end of its run's decay (LR {ratio:.3g} of the peak)"
+                    if ratio <= plan.parent_recipe.schedule.min_lr_ratio + 1e-6
+                    else f"inside its run's decay, which began at step {decay_start} (LR {ratio:.3g} of the peak)"
+                )
+                raise LmpError(
+                    f"--branch-from {branch_record['checkpoint']} is {where}: a decay branch would decay "
+                    f"from there. Branch from a checkpoint before step {decay_start}, or from a main run "
+                    "trained without a final decay (--set schedule.decay=0 --out runs/<main>)"
+                )
         decay = Decay(
             start,
             branch_record["decay_steps"],
@@ -593,8 +620,11 @@ def _train(
 
     # read and loaded before the run is marked running: a damaged checkpoint is refused untouched
     checkpoint = read_checkpoint(start_from, accelerator.process_index) if start_from is not None else None
+    lr_jump = None
     if checkpoint is not None:
         _check_same_data(start_from, checkpoint.state, data, recipe)
+        if plan.changes and branch_record is None:  # recipe.yaml is still the run's previous recipe
+            lr_jump = _lr_jump(run_dir / "recipe.yaml", schedule, checkpoint.state["step"], words_per_token)
     ids = special_token_ids(data.tokenizer, recipe.tokenizer)
     tokenizer_dir = run_dir / "tokenizer"
     set_seed(recipe.seed)
@@ -659,6 +689,8 @@ def _train(
             console.print(f"{verb} from {start_from} (step {state['step']})")
             for key, before, now in plan.changes:
                 console.print(f"  changed {key}: {before!r} -> {now!r}", highlight=False)
+            if lr_jump:
+                console.print(lr_jump, style="yellow", highlight=False)
         # drop whatever a killed earlier attempt logged after the state we start from
         truncate_metrics(run_dir, state["step"] if start_from is not None else -1)
     # the plain Decoder, sharing its parameters with the DDP / compiled wrappers: what is saved,
