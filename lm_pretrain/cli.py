@@ -223,7 +223,7 @@ def export(
     git: Annotated[bool, typer.Option(help="also a git repository with one branch per milestone")] = False,
 ) -> None:
     """Export a run's BabyLM milestone checkpoints for submission."""
-    from lm_pretrain.milestones import export_milestones
+    from lm_pretrain.milestones import export_milestones, git_lfs_available
 
     if milestones.exists() and not milestones.is_dir():
         raise LmpError(f"--milestones {milestones} is a file; give a folder to write the milestones into")
@@ -243,13 +243,20 @@ def export(
         f"evaluate a milestone locally by its folder, e.g. {written[0]}"
         + (
             f"; the git repository {milestones / 'repo'} holds one branch per milestone (main: the final "
-            "model) to push to a Hugging Face model repository, where the official pipeline reads "
-            "them as revisions (transformers ignores revision= for a local folder)"
+            "model) to push to a Hugging Face model repository (git push --all), where the official "
+            "pipeline reads them as revisions (transformers ignores revision= for a local folder)"
             if git
             else ""
         ),
         highlight=False,
     )
+    if git and not git_lfs_available():
+        err_console.print(
+            "warning: git-lfs is not installed, so the weights are plain git objects, which the Hub "
+            "refuses over 10 MiB. Install git-lfs, then in the repository run: git lfs install --local "
+            "&& git lfs migrate import --everything --include='*.safetensors'",
+            highlight=False,
+        )
 
 
 @app.command()
@@ -321,7 +328,10 @@ def eval_(
     model: Annotated[Path, typer.Argument(help="a run folder, checkpoint, or transformers model folder")],
     tasks: Annotated[
         str | None,
-        typer.Option(help="comma list of blimp,blimp_supplement,ewok,entity_tracking,probe,perplexity"),
+        typer.Option(
+            help="comma list of blimp,blimp_supplement,ewok,entity_tracking,probe,perplexity "
+            "(default: probe, perplexity, and the data tasks found under --data-dir)"
+        ),
     ] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="BabyLM evaluation_data folder (or a BLiMP folder)")
@@ -346,7 +356,7 @@ def eval_(
         output_file(json_out, "--json")
     if predictions is not None and predictions.exists() and not predictions.is_dir():
         raise LmpError(f"--predictions {predictions} is a file; give a folder to write predictions into")
-    chosen = parse_tasks(tasks, data_dir is not None)
+    chosen = parse_tasks(tasks, data_dir, fast)
     result = evaluate(
         model, chosen, data_dir, backend, fast, _newlines(prefix), strict_ties, text, seed,
         console=console, explicit_tasks=tasks is not None,

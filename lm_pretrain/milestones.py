@@ -70,10 +70,16 @@ def export_milestones(run_dir: Path, out: Path, git: bool = False) -> list[Path]
     for _, ckpt in found:
         target = out / ckpt.name
         shutil.copytree(ckpt, target, ignore=lambda _d, names: [n for n in names if _is_training_state(n)])
+        for item in target.iterdir():
+            item.chmod(0o644)  # readable by the team, whatever mode the run's files have
         written.append(target)
     if git:
         _git_repository(run_dir, out / "repo", [p for _, p in found])
     return written
+
+
+def git_lfs_available() -> bool:
+    return shutil.which("git-lfs") is not None
 
 
 def _git_repository(run_dir: Path, repo: Path, checkpoints: list[Path]) -> None:
@@ -86,6 +92,8 @@ def _git_repository(run_dir: Path, repo: Path, checkpoints: list[Path]) -> None:
     run("init", "-q", "-b", "main")
     run("config", "user.name", "lmp")
     run("config", "user.email", "lmp@localhost")
+    if git_lfs_available():  # the Hub takes large files only through LFS
+        run("lfs", "install", "--local")
     branches = [(ckpt.name, ckpt) for ckpt in checkpoints]
     if (run_dir / "final" / "config.json").is_file():
         branches.append(("main", run_dir / "final"))
@@ -96,6 +104,7 @@ def _git_repository(run_dir: Path, repo: Path, checkpoints: list[Path]) -> None:
                 shutil.rmtree(item) if item.is_dir() else item.unlink()
         for item in source.iterdir():
             if item.is_file() and not _is_training_state(item.name):
-                shutil.copy2(item, repo / item.name)
+                shutil.copyfile(item, repo / item.name)
+        (repo / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
         run("add", "-A")
         run("commit", "-q", "-m", f"{source.name} of {run_dir.name}")

@@ -124,6 +124,18 @@ def test_words_seen_milestones_and_export(tmp_path):
         check=True,
     ).stdout.split()
     assert sorted(branches) == ["chck_1M", "main"]
+    # ready for the Hub: weights tracked by LFS, files readable by the team
+    attributes = subprocess.run(
+        ["git", "-C", str(out / "repo"), "show", "chck_1M:.gitattributes"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "*.safetensors filter=lfs" in attributes
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in (out / "chck_1M").iterdir())
+    from lm_pretrain.milestones import git_lfs_available
+
+    assert ("git-lfs is not installed" in result.output) != git_lfs_available()
 
 
 def test_milestone_names_follow_the_2025_rules():

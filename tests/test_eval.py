@@ -417,3 +417,40 @@ def test_generate_prints_text_verbatim(tiny_run):
     result = CliRunner().invoke(app, ["generate", str(tiny_run), "--prompt", prompt, "--max-new-tokens", "3"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith(prompt)
+
+
+def test_default_tasks_are_those_found_under_data_dir(tmp_path):
+    from lm_pretrain.eval.runner import parse_tasks
+
+    assert parse_tasks(None, None) == ["probe", "perplexity"]
+    blimp = tmp_path / "blimp"  # a plain folder of BLiMP files: blimp, not the other data tasks
+    blimp.mkdir()
+    (blimp / "anaphor_number_agreement.jsonl").write_text("{}\n")
+    assert parse_tasks(None, blimp) == ["blimp", "probe", "perplexity"]
+    layout = tmp_path / "evaluation_data"  # the official layout: each task present is found
+    for name in ("full_eval/blimp_filtered", "full_eval/ewok_filtered", "fast_eval/blimp_fast"):
+        (layout / name).mkdir(parents=True)
+    assert parse_tasks(None, layout) == ["blimp", "ewok", "probe", "perplexity"]
+    assert parse_tasks(None, layout, fast=True) == ["blimp", "probe", "perplexity"]
+    with pytest.raises(LmpError, match="no data for task blimp"):
+        parse_tasks(None, tmp_path / "empty")
+    assert parse_tasks("ewok, probe", None) == ["ewok", "probe"]
+
+
+def test_training_eval_notes_a_full_set_under_fast(tiny_run, tmp_path):
+    from lm_pretrain.eval.runner import TrainingEvaluator
+    from lm_pretrain.recipe import EvalConfig
+
+    blimp = tmp_path / "blimp"
+    blimp.mkdir()
+    row = {
+        "sentence_good": "Dogs bark.",
+        "sentence_bad": "Dogs barks.",
+        "UID": "agreement",
+        "field": "morphology",
+    }
+    (blimp / "agreement.jsonl").write_text((json.dumps(row) + "\n") * 3)
+    fast = TrainingEvaluator(EvalConfig(tasks=["blimp"], data_dir=str(blimp)), tiny_run / "final", ["causal"])
+    assert len(fast.notes) == 1 and "is a full set (3 items)" in fast.notes[0]
+    few = EvalConfig(tasks=["blimp"], data_dir=str(blimp), items_per_uid=2)
+    assert TrainingEvaluator(few, tiny_run / "final", ["causal"]).notes == []

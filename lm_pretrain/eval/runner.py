@@ -15,7 +15,7 @@ from lm_pretrain.errors import LmpError
 from lm_pretrain.eval.probe import probe_items
 from lm_pretrain.eval.report import TaskResult, judge
 from lm_pretrain.eval.scoring import BACKENDS, ScoringModel, load_scoring_model, score_candidates
-from lm_pretrain.eval.tasks import DATA_TASKS, Item, load_task, with_prefix
+from lm_pretrain.eval.tasks import DATA_TASKS, Item, load_task, locate, with_prefix
 from lm_pretrain.recipe import EvalConfig
 
 ALL_TASKS = (*DATA_TASKS, "probe", "perplexity")
@@ -42,10 +42,20 @@ class EvalResult:
         }
 
 
-def parse_tasks(text: str | None, have_data: bool) -> list[str]:
-    """--tasks a,b,c; by default the data tasks when --data-dir is given, plus probe and perplexity."""
+def parse_tasks(text: str | None, data_dir: Path | None, fast: bool = False) -> list[str]:
+    """--tasks a,b,c; by default probe and perplexity, and with --data-dir the data tasks found
+    there (a plain BLiMP folder: blimp)."""
     if text is None:
-        return [*(DATA_TASKS if have_data else ()), "probe", "perplexity"]
+        found = []
+        for task in DATA_TASKS if data_dir is not None else ():
+            try:
+                locate(task, data_dir, fast)
+            except LmpError:
+                continue
+            found.append(task)
+        if data_dir is not None and not found:
+            locate(DATA_TASKS[0], data_dir, fast)  # raises, naming where it looked
+        return [*found, "probe", "perplexity"]
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown or not tasks:
@@ -163,11 +173,17 @@ class TrainingEvaluator:
         from transformers import AutoTokenizer
 
         self.tasks: list[tuple[str, str, list[Item]]] = []
+        self.notes: list[str] = []
         for task in cfg.tasks:
             if task == "probe":
                 self.tasks.append((task, "lmp templates, seed 0", probe_items(0, cfg.probe_items)))
                 continue
             source, items = load_task(task, Path(cfg.data_dir), cfg.fast)
+            if cfg.fast and "fast" not in source.name and cfg.items_per_uid is None:
+                self.notes.append(
+                    f"eval.fast: {source} is a full set ({len(items):,} items), scored at every "
+                    "evaluation; set eval.items_per_uid (e.g. 50) to score fewer"
+                )
             if cfg.items_per_uid is not None:
                 by_uid: dict[str, list[Item]] = defaultdict(list)
                 for item in items:

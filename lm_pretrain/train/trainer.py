@@ -741,6 +741,8 @@ def _train(
         # masked next-token and hybrid models are scored with both backends
         backends = ["causal"] if masker is None else ["causal", "mntp"]
         evaluator = TrainingEvaluator(recipe.eval, tokenizer_dir, backends)
+        for note in evaluator.notes if is_main else []:
+            console.print(f"note: {note}", highlight=False)
         eval_every = recipe.eval.every or cfg.eval_every
     if is_main:
         n_params = core.num_parameters()
