@@ -163,6 +163,13 @@ def train(
         args += ["--decay-fraction", str(decay_fraction)] if decay_fraction is not None else []
         # refusals and data errors once, here, rather than once per process behind tracebacks;
         # the processes then find the tokenizer and shards in the cache
+        micro = loaded.train.micro_batch_size
+        if loaded.train.batch_size % (nproc * (micro or 1)):
+            per = f" x train.micro_batch_size {micro}" if micro else ""
+            raise LmpError(
+                f"train.batch_size {loaded.train.batch_size} must be divisible by --nproc {nproc}{per}: "
+                "each process takes an equal share of a batch"
+            )
         plan_start(loaded, run_dir, branch, resume)
         prepare_data(loaded, console=console)
         os.environ["LMP_DATA_REPORTED"] = "1"  # the processes need not print the data report again
@@ -201,6 +208,10 @@ def train(
         return
     first = f"{result.first_val_loss:.4f} -> " if result.first_val_loss is not None else ""
     prompt = "And God said" if loaded.data.path == "builtin:demo" else "The"  # the demo has the Bible
+    meta = loaded.data.metadata  # a MeCo model is steered by the metadata it was trained with
+    prefix = (
+        f" --prefix '{meta.resolved_template.format(value='<value>')}'".replace("\n", "\\n") if meta else ""
+    )
     minutes = (time.perf_counter() - began) / 60
     overall = f" ({result.seconds / 60:.1f} min of training in all)" if result.continued else ""
     console.print(
@@ -208,7 +219,7 @@ def train(
         f"{result.tokens / 1e6:.2f}M tokens\n"
         f"validation loss {first}{result.final_val_loss:.4f} nats/token "
         f"(unigram entropy of the training tokens: {result.unigram_entropy:.4f})\n"
-        f"model: {run_dir / 'final'}  (try: lmp generate {run_dir / 'final'} --prompt '{prompt}')",
+        f"model: {run_dir / 'final'}  (try: lmp generate {run_dir / 'final'} --prompt '{prompt}'{prefix})",
         highlight=False,
     )
 
@@ -506,6 +517,10 @@ def bench(
     shape = replace(shape, **{k: v for k, v in given.items() if v is not None})
     if shape.hidden % shape.heads:
         raise LmpError(f"--hidden {shape.hidden} must be a multiple of --heads {shape.heads}")
+    if (shape.hidden // shape.heads) % 2:
+        raise LmpError(
+            f"--hidden / --heads (the head size, {shape.hidden // shape.heads}) must be even for rotary embeddings"
+        )
     result = run_bench(
         shape, steps=steps, compile=compile_, prep=prep, log=lambda m: console.print(f"[dim]{m}[/]")
     )

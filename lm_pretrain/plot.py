@@ -19,7 +19,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter
 
 from lm_pretrain.errors import LmpError
-from lm_pretrain.runs import EVAL_PREFIX, Run, load_run, run_state
+from lm_pretrain.runs import EVAL_PREFIX, Run, find_runs, is_run_dir, load_run, run_state
 
 X_KEYS = {"steps": "step", "tokens": "tokens", "words": "words"}
 DEFAULT_METRICS = ("loss", "val_loss", "val_mntp_loss", "lr")  # each drawn when logged
@@ -169,6 +169,12 @@ def plot_runs(
         raise LmpError(f"--smooth must be in [0, 1) (0 = off, 0.9 = strong), got {smooth}")
     if not run_dirs:
         raise LmpError("give at least one run folder")
+    for d in run_dirs:
+        inside = [] if is_run_dir(Path(d)) else find_runs([Path(d)])
+        if inside:
+            raise LmpError(
+                f"{d} is a folder of runs; pass run folders, e.g. {' '.join(map(str, inside[:2]))}"
+            )
     runs = [load_run(Path(d)) for d in run_dirs]
     for run in runs:
         for message in run.warnings:

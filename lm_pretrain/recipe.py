@@ -194,7 +194,11 @@ class TrainConfig(Section):
     def _one_length(self) -> TrainConfig:
         given = [n for n in ("max_steps", "max_tokens", "max_words_seen") if getattr(self, n) is not None]
         if len(given) > 1:
-            raise ValueError(f"set only one of train.max_steps, max_tokens, max_words_seen (got {given})")
+            others = " ".join(f"--set train.{n}=null" for n in given[:-1])
+            raise ValueError(
+                f"set only one of train.max_steps, max_tokens, max_words_seen (got {', '.join(given)}); "
+                f"the recipe may set one already: to use {given[-1]}, add {others}"
+            )
         if self.distributed == "fsdp" and self.average is not None:
             raise ValueError("train.average does not work with train.distributed fsdp yet; drop one of them")
         return self

@@ -147,6 +147,7 @@ def test_compiled_model_trains_and_saves_with_two_processes(bible_corpus, tmp_pa
 def test_user_errors_under_nproc_are_one_line_not_tracebacks(bible_corpus, tmp_path):
     cases = [
         ({"data.path": tmp_path / "missing.jsonl"}, "missing.jsonl does not exist"),  # before launching
+        ({"train.batch_size": 15, "train.micro_batch_size": None}, "must be divisible by --nproc 2"),
         ({"eval.tasks": "[blimp]", "eval.data_dir": tmp_path}, "no data for task blimp"),  # in each process
     ]
     for sets, named in cases:

@@ -69,6 +69,7 @@ def test_meco_run_switches_to_plain_documents_for_the_cooldown(bible_corpus, tmp
     )
     assert result.exit_code == 0, result.output
     assert "step 15: metadata cooldown begins" in result.output
+    assert "--prefix '<value>\\n\\n'" in result.output  # the done message shows how to steer it
     vals = [
         r["val_loss"]
         for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())

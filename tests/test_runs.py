@@ -211,6 +211,8 @@ def test_plot_errors_name_the_fix(runs_dir, tmp_path):
     assert result.exit_code == 2 and "logged metrics" in result.stderr and "val_loss" in result.stderr
     result = runner.invoke(app, ["plot", str(runs_dir / "live"), "--out", str(tmp_path / "a.png")])
     assert result.exit_code == 0 and (tmp_path / "a.png").stat().st_size > 1000
+    result = runner.invoke(app, ["plot", str(runs_dir), "--out", str(tmp_path / "b.png")])
+    assert result.exit_code == 2 and "is a folder of runs; pass run folders" in result.stderr
 
 
 def test_write_run_plot_never_raises(runs_dir, tmp_path):

@@ -115,3 +115,17 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
     # a missing folder is made
     result = CliRunner().invoke(app, ["schedule", recipe, "--png", str(tmp_path / "new" / "lr.png")])
     assert result.exit_code == 0 and (tmp_path / "new" / "lr.png").stat().st_size > 1000
+
+
+def test_a_schedule_in_words_without_its_corpus_says_why_it_is_needed(tmp_path):
+    from typer.testing import CliRunner
+
+    from lm_pretrain.cli import app
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes/babylm-strict-small.yaml")
+    missing = ["--set", f"data.path={tmp_path / 'nowhere'}"]
+    result = CliRunner().invoke(app, ["schedule", recipe, *missing])
+    assert result.exit_code == 2 and "need the corpus's words per token" in result.output, result.output
+    assert "nowhere does not exist" in result.output
+    result = CliRunner().invoke(app, ["schedule", recipe, *missing, "--set", "train.max_steps=1000"])
+    assert result.exit_code == 0 and "1000 steps" in result.output, result.output

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from lm_pretrain.errors import LmpError
 from lm_pretrain.recipe import Recipe
 from lm_pretrain.train.schedule import make_schedule
 from lm_pretrain.train.trainer import total_steps
@@ -16,7 +17,14 @@ def describe_schedule(recipe: Recipe, png: Path | None = None) -> Table:
     if recipe.max_words_seen is not None:  # the step count follows from the corpus's words per token
         from lm_pretrain.data.prepare import prepare_data
 
-        data = prepare_data(recipe, console=None, show_progress=False)
+        try:
+            data = prepare_data(recipe, console=None, show_progress=False)
+        except LmpError as exc:
+            raise LmpError(
+                f"train.max_words_seen is in words, so the schedule's steps need the corpus's words per "
+                f"token, read from data.path (relative to this working directory): {exc}. Or give "
+                "--set train.max_steps=N to see a schedule of N steps without it"
+            ) from None
         words_per_token = sum(data.word_counts["train"].values()) / data.train.n_tokens
     steps = total_steps(recipe, words_per_token)
     tokens_per_step = recipe.train.batch_size * recipe.seq_len
