@@ -137,7 +137,7 @@ def train(
     """
     from lm_pretrain.data.prepare import prepare_data
     from lm_pretrain.recipe import load_recipe
-    from lm_pretrain.train.trainer import EXIT_STOPPED, Branch, plan_start
+    from lm_pretrain.train.trainer import EXIT_STOPPED, Branch, plan_start, split_batch
     from lm_pretrain.train.trainer import train as run_training
 
     loaded = load_recipe(recipe, set_)
@@ -163,13 +163,7 @@ def train(
         args += ["--decay-fraction", str(decay_fraction)] if decay_fraction is not None else []
         # refusals and data errors once, here, rather than once per process behind tracebacks;
         # the processes then find the tokenizer and shards in the cache
-        micro = loaded.train.micro_batch_size
-        if loaded.train.batch_size % (nproc * (micro or 1)):
-            per = f" x train.micro_batch_size {micro}" if micro else ""
-            raise LmpError(
-                f"train.batch_size {loaded.train.batch_size} must be divisible by --nproc {nproc}{per}: "
-                "each process takes an equal share of a batch"
-            )
+        split_batch(loaded.train, nproc, f"--nproc {nproc}")
         plan_start(loaded, run_dir, branch, resume)
         prepare_data(loaded, console=console)
         os.environ["LMP_DATA_REPORTED"] = "1"  # the processes need not print the data report again
@@ -238,15 +232,9 @@ def export(
 
     if milestones.exists() and not milestones.is_dir():
         raise LmpError(f"--milestones {milestones} is a file; give a folder to write the milestones into")
-    branch_file = run / "branch.json"
-    parent = json.loads(branch_file.read_text()) if branch_file.is_file() else None
-    if parent is not None and not Path(parent["parent_run"]).is_dir():
-        err_console.print(
-            f"warning: {run} branched from {parent['parent_run']}, which is gone; its milestones up to "
-            f"step {parent['parent_step']} (this branch's history) are not exported, only the branch's own",
-            highlight=False,
-        )
-    written = export_milestones(run, milestones, git)
+    written = export_milestones(
+        run, milestones, git, warn=lambda m: err_console.print(f"warning: {m}", highlight=False)
+    )
     for folder in written:
         console.print(f"  {folder}", highlight=False)
     console.print(f"exported {len(written)} milestone(s) to {milestones}", highlight=False)

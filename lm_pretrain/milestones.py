@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from lm_pretrain.errors import LmpError
@@ -35,7 +36,9 @@ def milestone_name(words: int) -> str:
     return f"chck_{words // 1_000_000}M"
 
 
-def _milestones_of(run_dir: Path, up_to_step: int | None = None) -> dict[str, tuple[int, Path]]:
+def _milestones_of(
+    run_dir: Path, warn: Callable[[str], None], up_to_step: int | None = None
+) -> dict[str, tuple[int, Path]]:
     """name -> (words, folder) of a run's milestones, followed through its parents for a branch:
     a parent's milestones count up to the step the branch started from (they are the branch's
     history), the branch's own from there on."""
@@ -44,7 +47,14 @@ def _milestones_of(run_dir: Path, up_to_step: int | None = None) -> dict[str, tu
     if branch_file.is_file():
         branch = json.loads(branch_file.read_text())
         parent_step = branch["parent_step"] if up_to_step is None else min(branch["parent_step"], up_to_step)
-        found.update(_milestones_of(Path(branch["parent_run"]), parent_step))
+        parent = Path(branch["parent_run"])
+        if parent.is_dir():
+            found.update(_milestones_of(parent, warn, parent_step))
+        else:
+            warn(
+                f"{run_dir} branched from {parent}, which is gone; its milestones up to step "
+                f"{parent_step} (this branch's history) are not exported, only the branch's own"
+            )
     folder = run_dir / "checkpoints"
     for ckpt in folder.glob("chck_*M") if folder.is_dir() else []:
         if (ckpt / "trainer_state.json").is_file():
@@ -54,11 +64,13 @@ def _milestones_of(run_dir: Path, up_to_step: int | None = None) -> dict[str, tu
     return found
 
 
-def export_milestones(run_dir: Path, out: Path, git: bool = False) -> list[Path]:
+def export_milestones(
+    run_dir: Path, out: Path, git: bool = False, warn: Callable[[str], None] = lambda _: None
+) -> list[Path]:
     """One transformers-loadable folder per milestone of `run_dir` under `out` (a branch's include
     its parent's up to the branch point); with `git`, also a repository out/repo with one branch
     per milestone (and main holding the final model)."""
-    found = sorted(_milestones_of(run_dir).values())
+    found = sorted(_milestones_of(run_dir, warn).values())
     if not found:
         raise LmpError(
             f"{run_dir} has no milestone checkpoints (checkpoints/chck_<N>M); they are written "

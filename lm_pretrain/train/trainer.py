@@ -47,7 +47,7 @@ from lm_pretrain.errors import LmpError, check_writable
 from lm_pretrain.milestones import milestone_name, milestone_words
 from lm_pretrain.model.decoder import Decoder, DecoderConfig, use_varlen_attention
 from lm_pretrain.plot import write_run_plot
-from lm_pretrain.recipe import OptimConfig, Recipe, load_recipe, recipe_changes
+from lm_pretrain.recipe import OptimConfig, Recipe, TrainConfig, load_recipe, recipe_changes
 from lm_pretrain.track import MetricsSink, TrainProgress, truncate_metrics, write_atomic, write_status
 from lm_pretrain.train import sharding
 from lm_pretrain.train.checkpoint import (
@@ -286,14 +286,25 @@ def validation_loss(
     return (loss_sum / count).item()
 
 
+def split_batch(cfg: TrainConfig, world: int, processes: str) -> tuple[int, int]:
+    """(micro-batch size, accumulation steps) of each of `world` processes, or LmpError naming
+    `processes` (how the user chose their number)."""
+    micro = cfg.micro_batch_size or cfg.batch_size // world
+    if micro == 0 or cfg.batch_size % (micro * world):
+        per = f" x train.micro_batch_size {cfg.micro_batch_size}" if cfg.micro_batch_size else ""
+        raise LmpError(
+            f"train.batch_size {cfg.batch_size} must be divisible by {processes}{per}: each process "
+            "takes an equal share of a batch"
+        )
+    return micro, cfg.batch_size // (micro * world)
+
+
 def _changes_allowed(
-    recipe: Recipe, saved_path: Path, may_change: tuple[str, ...], refusal: str
+    recipe: Recipe, saved: Recipe, may_change: tuple[str, ...], refusal: str
 ) -> list[tuple[str, Any, Any]]:
-    """The changes from the recipe saved at `saved_path`; LmpError(refusal + the fields) when any
-    field outside `may_change` differs."""
-    if not saved_path.is_file():
-        return []
-    changes = recipe_changes(load_recipe(saved_path), recipe)
+    """The changes from the `saved` recipe; LmpError(refusal + the fields) when any field outside
+    `may_change` differs."""
+    changes = recipe_changes(saved, recipe)
     blocked = [
         (key, old, new)
         for key, old, new in changes
@@ -403,9 +414,8 @@ def _lock_run_folder(run_dir: Path, cleanup: ExitStack) -> None:
     handle.flush()
 
 
-def _lr_jump(saved: Path, schedule: Schedule, step: int, words_per_token: float) -> str | None:
+def _lr_jump(before: Recipe, schedule: Schedule, step: int, words_per_token: float) -> str | None:
     """A new length moves a final decay: a warning when the LR at the resume step changes."""
-    before = load_recipe(saved)
     tokens_per_step = before.train.batch_size * before.seq_len
     old = make_schedule(before.schedule, total_steps(before, words_per_token), tokens_per_step)(step)
     new = schedule(step)
@@ -431,11 +441,13 @@ def _is_run_folder(path: Path) -> bool:
 @dataclass
 class StartPlan:
     """Where a run starts: the checkpoint to load (None: from scratch), the branch record, the
-    recipe fields changed since the run's last attempt, and the parent's recipe of a branch."""
+    recipe fields changed since the run's last attempt (and that attempt's recipe), and the
+    parent's recipe of a branch."""
 
     checkpoint: Path | None
     branch_record: dict | None
     changes: list[tuple[str, Any, Any]]
+    previous_recipe: Recipe | None  # the run's own recipe before this attempt, when resuming
     parent_recipe: Recipe | None
 
 
@@ -450,11 +462,13 @@ def plan_start(recipe: Recipe, run_dir: Path, branch: Branch | None, resume: boo
     check_writable(run_dir, "run folder")
     checkpoint, branch_record = _start_state(run_dir, branch, resume)
     changes = []
-    if checkpoint is not None and checkpoint.parent.parent == run_dir:
-        saved = run_dir / "recipe.yaml"
+    previous = None
+    saved = run_dir / "recipe.yaml"
+    if checkpoint is not None and checkpoint.parent.parent == run_dir and saved.is_file():
+        previous = load_recipe(saved)
         changes = _changes_allowed(
             recipe,
-            saved,
+            previous,
             _RESUME_MAY_CHANGE,
             f"{run_dir} holds a run whose recipe differs from this one; resume it with its own "
             f"recipe (lmp train {saved} --out {run_dir}; lengths, evaluation, checkpointing and "
@@ -463,16 +477,16 @@ def plan_start(recipe: Recipe, run_dir: Path, branch: Branch | None, resume: boo
     parent_recipe = None
     if branch_record is not None:
         parent_saved = Path(branch_record["parent_run"]) / "recipe.yaml"
+        parent_recipe = load_recipe(parent_saved) if parent_saved.is_file() else recipe
         _changes_allowed(
             recipe,
-            parent_saved,
+            parent_recipe,
             _BRANCH_MAY_CHANGE,
             f"a branch continues its parent's data, model and optimizer, but this recipe differs "
             f"from the parent's ({parent_saved}); branch with that recipe:",
         )
-        parent_recipe = load_recipe(parent_saved) if parent_saved.is_file() else recipe
 
-    return StartPlan(checkpoint, branch_record, changes, parent_recipe)
+    return StartPlan(checkpoint, branch_record, changes, previous, parent_recipe)
 
 
 def train(
@@ -556,13 +570,7 @@ def _train(
     is_main = accelerator.is_main_process
     world = accelerator.num_processes
     cfg = recipe.train
-    micro = cfg.micro_batch_size or cfg.batch_size // world
-    if cfg.batch_size % (micro * world):
-        raise LmpError(
-            f"train.batch_size {cfg.batch_size} must be a multiple of micro_batch_size {micro} x "
-            f"{world} processes"
-        )
-    accum = cfg.batch_size // (micro * world)
+    micro, accum = split_batch(cfg, world, f"{world} processes")
     seq_len = recipe.seq_len
     tokens_per_step = cfg.batch_size * seq_len
 
@@ -623,8 +631,8 @@ def _train(
     lr_jump = None
     if checkpoint is not None:
         _check_same_data(start_from, checkpoint.state, data, recipe)
-        if plan.changes and branch_record is None:  # recipe.yaml is still the run's previous recipe
-            lr_jump = _lr_jump(run_dir / "recipe.yaml", schedule, checkpoint.state["step"], words_per_token)
+        if plan.changes and branch_record is None:
+            lr_jump = _lr_jump(plan.previous_recipe, schedule, checkpoint.state["step"], words_per_token)
     ids = special_token_ids(data.tokenizer, recipe.tokenizer)
     tokenizer_dir = run_dir / "tokenizer"
     set_seed(recipe.seed)
