@@ -60,6 +60,7 @@ from lm_pretrain.train.checkpoint import (
     step_checkpoints,
     write_model_folder,
 )
+from lm_pretrain.train.compile_check import compiled_disagreement
 from lm_pretrain.train.schedule import Decay, Schedule, make_schedule
 
 # `lmp train` exits with this code when a signal stopped it after saving: resubmit to resume
@@ -708,6 +709,7 @@ def _train(
         optimizer = accelerator.prepare(optimizer)  # the model is sharded already, not DDP-wrapped
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
+    eager_model = model
     if cfg.compile:
         model = torch.compile(model)
 
@@ -741,6 +743,29 @@ def _train(
             samples = range(first, first + len(inputs))
             masked = masker.mask_rows(inputs, targets, rows, samples, recipe.hybrid.mask_rate_end)
             val_mntp_batches.append((*masked, rows))
+    if cfg.compile:
+        # the batch the training graph sees: masked next-token rows for the hybrid objectives
+        inputs, targets, *rows = (t.to(accelerator.device) for t in (val_mntp_batches or val_batches)[0])
+        problem = compiled_disagreement(
+            model,
+            core,
+            lambda m: forward_loss(m, inputs, targets, document_bos, rows[0] if rows else None),
+            accelerator.autocast,
+            lambda: accelerator.no_sync(model),
+            backward=not fsdp,
+        )
+        # every process trains the same way, whichever of them saw the problem
+        flagged = torch.tensor(float(problem is not None), device=accelerator.device)
+        if accelerator.reduce(flagged, "sum").item() > 0:
+            model = eager_model
+            if is_main:
+                seen = f"{problem} on a validation batch" if problem else "seen by another process"
+                console.print(
+                    f"warning: torch.compile miscomputes this model on this machine ({seen}): "
+                    "training without compile. Set train.compile=false to skip the check.",
+                    style="yellow",
+                    highlight=False,
+                )
     sink = MetricsSink(run_dir, recipe, enabled=is_main)
     evaluator, eval_every = None, cfg.eval_every
     if recipe.eval is not None:
