@@ -40,6 +40,13 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="override a recipe field, e.g. --set train.max_steps=100 (repeatable)"),
 ]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="run the model folder's own Python (auto_map), for folders you trust; lmp's own modeling file runs without it",
+    ),
+]
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -309,11 +316,15 @@ def generate(
     prefix: Annotated[
         str, typer.Option(help="conditioning text before the prompt, e.g. a MeCo model's metadata")
     ] = "",
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Sample a continuation of a prompt."""
     from lm_pretrain.generate import generate as sample
 
-    typer.echo(sample(model, prompt, max_new_tokens, temperature, top_k, seed, _newlines(prefix)))  # verbatim
+    text = sample(
+        model, prompt, max_new_tokens, temperature, top_k, seed, _newlines(prefix), trust_remote_code
+    )
+    typer.echo(text)  # verbatim
 
 
 def _newlines(prefix: str) -> str:
@@ -345,6 +356,7 @@ def eval_(
     json_out: Annotated[Path | None, typer.Option("--json", help="write scores here")] = None,
     predictions: Annotated[Path | None, typer.Option(help="write official-layout predictions here")] = None,
     seed: Annotated[int, typer.Option(help="probe seed")] = 0,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Zero-shot BabyLM evaluation (official scoring rules), grammar probe, and perplexity."""
     from lm_pretrain.eval.report import field_table, summary_table, task_table, write_json, write_predictions
@@ -358,7 +370,7 @@ def eval_(
     chosen = parse_tasks(tasks, data_dir, fast)
     result = evaluate(
         model, chosen, data_dir, backend, fast, _newlines(prefix), strict_ties, text, seed,
-        console=console, explicit_tasks=tasks is not None,
+        console=console, explicit_tasks=tasks is not None, trust_remote_code=trust_remote_code,
     )  # fmt: skip
     for task in result.tasks:
         console.print(task_table(task))
@@ -451,6 +463,7 @@ def merge_checkpoints(
         int | None, typer.Option(min=1, help="with --run: only its newest K checkpoints")
     ] = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Average checkpoints of one run into one model, streaming one tensor at a time."""
     from lm_pretrain.merge import merge_checkpoints as merge
@@ -463,7 +476,10 @@ def merge_checkpoints(
             raise LmpError(
                 f"--weights must be numbers, e.g. --weights 1,2,3; got {','.join(weights)}"
             ) from None
-    result = merge(checkpoints or [], out, method, parsed, decay, penalty, run, last_k, force)
+    result = merge(
+        checkpoints or [], out, method, parsed, decay, penalty, run, last_k, force,
+        trust_remote_code=trust_remote_code,
+    )  # fmt: skip
     for item, weight in zip(result.inputs, result.weights, strict=True):
         loss = f"  val_loss {item.val_loss:.4f}" if item.val_loss is not None else ""
         console.print(f"{weight:8.4f}  {item.path}{loss}", highlight=False)

@@ -9,6 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lm_pretrain.errors import LmpError
+from lm_pretrain.model.remote_code import trust_remote_code as trust_remote_code_for
 
 # one of these must be in a model folder (transformers' names, single file or sharded)
 _WEIGHT_FILES = (
@@ -84,6 +85,7 @@ def generate(
     top_k: int = 50,
     seed: int = 0,
     prefix: str = "",
+    trust_remote_code: bool = False,
 ) -> str:
     """Sample a continuation of `prompt` with transformers' generate (offline, local files only).
 
@@ -95,8 +97,12 @@ def generate(
     hf_logging.disable_progress_bar()  # keep stdout to the generated text alone
     hf_logging.set_verbosity_error()
     folder = resolve_model_folder(model_path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    # explicit, so that transformers never stops at its interactive prompt (remote_code.py)
+    trust = trust_remote_code_for(folder, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, local_files_only=True, trust_remote_code=trust
+    ).eval()
     torch.manual_seed(seed)
     encoded = tokenizer(prefix + prompt, return_tensors="pt")
     with torch.no_grad():

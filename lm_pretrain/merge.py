@@ -419,6 +419,7 @@ def merge_checkpoints(
     last_k: int | None = None,
     force: bool = False,
     scorer: Scorer | None = None,
+    trust_remote_code: bool = False,
 ) -> MergeResult:
     """Average checkpoints into `out` (see the module docstring); `scorer` overrides the run's."""
     method = method or ("weighted" if weights else "uniform")
@@ -482,14 +483,20 @@ def merge_checkpoints(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write_output(inputs, chosen, tmp, method, soup_loss, details)
+        dropped = _write_output(inputs, chosen, tmp, method, soup_loss, details, trust_remote_code)
         from lm_pretrain.train.checkpoint import publish
 
         publish(tmp, out)  # fsync and rename: a kill never leaves a half-written output
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return MergeResult(out, method, inputs, chosen, soup_loss, details, _notes(inputs, paths, run, method))
+    notes = _notes(inputs, paths, run, method)
+    if dropped:
+        notes.append(
+            f"the inputs ask to run their own Python ({', '.join(dropped)}); the merged folder leaves it out "
+            "and loads with transformers' own classes (pass --trust-remote-code to copy that code along)"
+        )
+    return MergeResult(out, method, inputs, chosen, soup_loss, details, notes)
 
 
 def _run_root(folder: Path) -> Path | None:
@@ -554,12 +561,16 @@ def _write_output(
     method: str,
     soup_loss: float | None,
     details: dict[str, Any],
-) -> None:
+    trust_remote_code: bool = False,
+) -> list[str]:
+    """Write the merged folder; returns the code references left out of it (see _copy_code)."""
     first = inputs[0].path
     shutil.copy2(first / CONFIG_FILE, folder / CONFIG_FILE)
     copied = [name for name in (*TOKENIZER_FILES, *EXTRA_FILES) if (first / name).is_file()]
     for name in copied:
-        shutil.copy2(first / name, folder / name)
+        if not name.endswith(".py"):  # code is _copy_code's to decide
+            shutil.copy2(first / name, folder / name)
+    dropped = _copy_code(first, folder, trust_remote_code)
     write_average(inputs, weights, folder)
     provenance = {
         "kind": "merge",
@@ -574,3 +585,34 @@ def _write_output(
         "val_loss": soup_loss,
     }
     (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    return dropped
+
+
+def _copy_code(source: Path, folder: Path, trusted: bool) -> list[str]:
+    """Keep the merged folder loadable by what it can run: code an auto_map entry names is copied
+    when it is lmp's own modeling file or the user trusts it (--trust-remote-code); otherwise the
+    entry is dropped from the copied configs, and its reference returned."""
+    from lm_pretrain.model import remote_code
+
+    foreign = set() if trusted else {ref for _, ref in remote_code.foreign_code(source)}
+    for _, ref in remote_code.code_references(source):
+        file = remote_code.local_file(ref)
+        if ref not in foreign and file is not None and (source / file).is_file():
+            (folder / file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / file, folder / file)
+    for name in remote_code.CODE_CONFIGS if foreign else ():
+        path = folder / name
+        if not path.is_file():
+            continue
+        config = json.loads(path.read_text())
+        kept = {
+            key: value
+            for key, value in (config.get("auto_map") or {}).items()
+            if not ({value} if isinstance(value, str) else set(value or [])) & foreign
+        }
+        if kept:
+            config["auto_map"] = kept
+        else:
+            config.pop("auto_map", None)
+        path.write_text(json.dumps(config, indent=2) + "\n")
+    return sorted(foreign)

@@ -70,6 +70,11 @@ def export_milestones(
     """One transformers-loadable folder per milestone of `run_dir` under `out` (a branch's include
     its parent's up to the branch point); with `git`, also a repository out/repo with one branch
     per milestone (and main holding the final model)."""
+    # a missing run would otherwise be reported as one without milestones
+    if not run_dir.exists():
+        raise LmpError(f"run folder {run_dir} does not exist; pass a run folder, e.g. runs/<name>")
+    if not run_dir.is_dir():
+        raise LmpError(f"{run_dir} is a file, not a run folder; pass a run folder, e.g. runs/<name>")
     found = sorted(_milestones_of(run_dir, warn).values())
     if not found:
         raise LmpError(

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import re
+import stat
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -116,17 +117,44 @@ def _is_jsonl(path: Path) -> bool:
     return path.name.endswith((".jsonl", ".jsonl.gz"))
 
 
+def _kind(path: Path) -> str:
+    """What a path that is neither a regular file nor a folder is (from stat: nothing is opened)."""
+    mode = path.stat().st_mode
+    kinds = [
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
 def _list_files(path: Path) -> list[Path]:
+    # only regular files are ever opened: reading a FIFO or a device such as /dev/zero would
+    # block or never end
     if path.is_file():
         return [path]
-    files = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
+    if not path.is_dir():
+        raise LmpError(
+            f"data.path {path} is {_kind(path)}, not a file or folder of text; expected {ACCEPTED}"
+        )
+    files, others = [], []
+    for p in path.rglob("*"):
+        if any(part.startswith(".") for part in p.relative_to(path).parts):
+            continue
+        if p.is_file():
+            files.append(p)
+        elif not p.is_dir() and p.exists():  # a FIFO, device or socket (not a dangling link)
+            others.append(p)
+    if not files and others:
+        first = sorted(others)[0]
+        raise LmpError(
+            f"data.path {path}: the folder holds no regular text files (it has {_kind(first)}: "
+            f"{first.relative_to(path)}); expected {ACCEPTED}"
+        )
     if not files:
         raise LmpError(f"data.path {path} is an empty folder; expected {ACCEPTED}")
-    return files
+    return sorted(files)
 
 
 def _source_name(path: Path) -> str:

@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +69,47 @@ def _key(*parts: str | bytes) -> str:
     return h.hexdigest()
 
 
+# a temporary build folder: .tmp-<final name>-<host>-<pid>-<random>; the host and pid say whose
+# it is, so a folder left by a killed prepare can be told from one still being written
+_TMP_NAME = re.compile(r"^\.tmp-(?P<name>[^-]+)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temporary build folders in `folder` whose owner process is gone (a prepare
+    killed mid-write), and return them. A folder of a live process, of another host (a shared
+    cache) or in an older naming without the host is left alone."""
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:  # no cache yet, or unreadable: nothing to clean
+        return removed
+    host = _host()
+    for entry in entries:
+        match = _TMP_NAME.match(entry.name)
+        if match is None or match["host"] != host or not entry.is_dir():
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
 def _build_atomically(final: Path, build: Callable[[Path], None], done: Callable[[Path], bool]) -> None:
     """Run build(tmp) in a fresh sibling folder, then rename it to `final`."""
     if final.exists() and not done(final):
@@ -74,7 +117,7 @@ def _build_atomically(final: Path, build: Callable[[Path], None], done: Callable
             f"cache folder {final} exists but was never finished; delete it and run the same command again"
         )
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = final.parent / f".tmp-{final.name}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         build(tmp)
@@ -178,6 +221,8 @@ def prepare_data(recipe: Recipe, console: Console | None = None, show_progress: 
     console.print(_corpus_table(recipe, splits, counts))
 
     root = cache_root(recipe)
+    for folder in (root / "tokenizers", root / "shards"):
+        remove_stale_temps(folder)  # left by a prepare killed mid-write
     tok, tok_path = _prepare_tokenizer(recipe, train_docs, root, console, show_progress)
     ids = special_token_ids(tok, recipe.tokenizer)
 

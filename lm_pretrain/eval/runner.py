@@ -92,6 +92,7 @@ def evaluate(
     max_tokens: int | None = None,
     console: Console | None = None,
     explicit_tasks: bool = True,
+    trust_remote_code: bool = False,
 ) -> EvalResult:
     from lm_pretrain.eval.perplexity import file_perplexity, run_folder_of, validation_perplexity
     from lm_pretrain.generate import resolve_model_folder
@@ -115,7 +116,7 @@ def evaluate(
         elif task == "probe":
             loaded.append(("probe", f"lmp templates, seed {seed}", probe_items(seed, probe_size)))
 
-    sm = load_scoring_model(folder, backend)
+    sm = load_scoring_model(folder, backend, trust_remote_code=trust_remote_code)
     result = EvalResult(folder, backend, prefix)
     for task, source, items in loaded:
         if prefix:
@@ -191,7 +192,7 @@ class TrainingEvaluator:
                 items = [item for group in by_uid.values() for item in group[: cfg.items_per_uid]]
             self.tasks.append((task, str(source), items))
         self.tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_dir, padding_side="right", local_files_only=True
+            tokenizer_dir, padding_side="right", local_files_only=True, trust_remote_code=False
         )
         self.tokenizer_dir = tokenizer_dir
         self.backends = list(backends)

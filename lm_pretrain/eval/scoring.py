@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from lm_pretrain.errors import LmpError
+from lm_pretrain.model import remote_code
 
 BACKENDS = ("causal", "mlm", "mntp")
 # logits held at once (rows x length x vocab floats): bounds memory on any vocabulary size
@@ -47,10 +48,12 @@ class ScoringModel:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
 
-def load_scoring_model(folder: Path, backend: str = "causal", device: str | None = None) -> ScoringModel:
+def load_scoring_model(
+    folder: Path, backend: str = "causal", device: str | None = None, trust_remote_code: bool = False
+) -> ScoringModel:
     """Load a model folder the way the official pipeline does: AutoModelForCausalLM for causal,
-    AutoModelForMaskedLM for mlm/mntp (trust_remote_code, for hybrid models that ship their own
-    modeling file), the tokenizer with padding_side="right"."""
+    AutoModelForMaskedLM for mlm/mntp, the tokenizer with padding_side="right". The folder's own
+    Python runs only when it is lmp's modeling file or with `trust_remote_code` (remote_code.py)."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -62,11 +65,12 @@ def load_scoring_model(folder: Path, backend: str = "causal", device: str | None
     wrong_kind = _load_hint(folder, backend)
     if wrong_kind:  # transformers would load e.g. a BERT as a causal model and score nonsense
         raise LmpError(f"{folder} does not fit the {backend} backend{wrong_kind}")
+    trust = remote_code.trust_remote_code(folder, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            folder, padding_side="right", trust_remote_code=True, local_files_only=True
+            folder, padding_side="right", trust_remote_code=trust, local_files_only=True
         )
-        model = auto.from_pretrained(folder, trust_remote_code=True, local_files_only=True)
+        model = auto.from_pretrained(folder, trust_remote_code=trust, local_files_only=True)
     except Exception as exc:  # transformers raises many kinds; the user needs one line
         first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         raise LmpError(

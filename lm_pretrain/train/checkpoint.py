@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,18 +72,54 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's random generators as tensors and plain values, which torch.load reads with
+    weights_only=True (no pickled numpy objects)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore rng_state(); also reads the numpy arrays of files written before lmp stored tensors."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Exactly what the RNG files of earlier lmp releases hold beyond plain values: numpy's uint32 key
+# array. Allowed by object, so no other global (and none that runs code) can be unpickled.
+_OLD_RNG_GLOBALS = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def load_state_file(path: Path) -> Any:
+    """torch.load with weights_only=True: tensors and plain values only, never code.
+
+    A file that needs anything else is refused (LmpError naming it): checkpoints are shared, and
+    unpickling an arbitrary object can run any code its author wrote."""
+    allowed = _OLD_RNG_GLOBALS if path.name.startswith("rng-") else []
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        found = _UNSUPPORTED_GLOBAL.search(str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise LmpError(
+            f"{path} holds objects other than tensors and plain values{what}, which lmp never unpickles: "
+            "it was not written by lmp and may be hostile. Use a checkpoint from a source you trust"
+        ) from None
 
 
 def step_checkpoints(run_dir: Path) -> list[Path]:
@@ -145,7 +183,15 @@ def save_checkpoint(
         ) from None
     publish(tmp, final)
     for old in [p for p in step_checkpoints(run_dir) if _STEP_DIR.match(p.name)][:-keep_last]:
-        shutil.rmtree(old)
+        try:
+            shutil.rmtree(old)
+        except OSError as exc:
+            # the new checkpoint is saved: an old one that cannot be deleted costs disk, not the run
+            print(
+                f"warning: could not delete old checkpoint {old} ({exc.strerror or exc}); "
+                "it was left in place, delete it by hand to free the space",
+                file=sys.stderr,
+            )
     return final
 
 
@@ -169,12 +215,14 @@ def read_checkpoint(path: Path, rank: int = 0) -> Checkpoint:
         )
     try:
         weights = load_file(path / "model.safetensors")
-        optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
+        optimizer_state = load_state_file(path / "optimizer.pt")
         rng_file = path / f"rng-{rank}.pt"
         if not rng_file.is_file():
             rng_file = path / "rng-0.pt"
-        rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
+        rng = load_state_file(rng_file) if rng_file.is_file() else None
         state = json.loads((path / STATE_FILE).read_text())
+    except LmpError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file means the same to the user
         raise LmpError(
             f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); it was damaged after it "

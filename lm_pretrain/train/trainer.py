@@ -51,6 +51,7 @@ from lm_pretrain.recipe import OptimConfig, Recipe, TrainConfig, load_recipe, re
 from lm_pretrain.track import MetricsSink, TrainProgress, truncate_metrics, write_atomic, write_status
 from lm_pretrain.train import sharding
 from lm_pretrain.train.checkpoint import (
+    load_state_file,
     load_weights,
     publish,
     read_checkpoint,
@@ -323,7 +324,7 @@ def _start_state(run_dir: Path, branch: Branch | None, resume: bool) -> tuple[Pa
         raise LmpError(f"--out {run_dir} is a file; give a folder for the run, e.g. runs/<name>")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not _is_run_folder(run_dir):
         raise LmpError(
-            f"--out {run_dir} is not empty and holds no lmp run (no recipe.yaml or status.json); "
+            f"--out {run_dir} is not empty and holds no lmp run (no status.json); "
             "train into a new folder so nothing in it is overwritten"
         )
     existing = step_checkpoints(run_dir)
@@ -436,7 +437,9 @@ def _read_json(path: Path, fix: str) -> dict:
 
 
 def _is_run_folder(path: Path) -> bool:
-    return (path / "recipe.yaml").is_file() or (path / "status.json").is_file()
+    """A folder lmp trained into: every run writes status.json before anything else. A recipe.yaml
+    alone may be the user's own file, which training would overwrite."""
+    return (path / "status.json").is_file()
 
 
 @dataclass
@@ -654,10 +657,11 @@ def _train(
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _lock_run_folder(run_dir, cleanup)
+        # status.json first: it is what marks a folder as lmp's own (see _is_run_folder)
+        write_status(run_dir, "running")
         write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
         if branch_record is not None:
             write_atomic(run_dir / "branch.json", json.dumps(branch_record, indent=2) + "\n")
-        write_status(run_dir, "running")
         tokenizer_dir.mkdir(exist_ok=True)
         save_hf_tokenizer(data.tokenizer, tokenizer_dir, recipe.tokenizer, recipe.model.max_seq_len)
     accelerator.wait_for_everyone()
@@ -689,9 +693,9 @@ def _train(
             set_rng_state(checkpoint.rng)
         state = {**state, **checkpoint.state}
         if averager is not None and (start_from / AVERAGE_FILE).is_file():
-            averager.load_state_dict(torch.load(start_from / AVERAGE_FILE, weights_only=False))
+            averager.load_state_dict(load_state_file(start_from / AVERAGE_FILE))
         if accelerator.scaler is not None and (start_from / SCALER_FILE).is_file():  # fp16 on GPU
-            accelerator.scaler.load_state_dict(torch.load(start_from / SCALER_FILE, weights_only=False))
+            accelerator.scaler.load_state_dict(load_state_file(start_from / SCALER_FILE))
     if is_main:
         if start_from is not None:
             verb = "resuming" if branch is None else "branching"
