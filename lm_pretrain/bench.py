@@ -47,7 +47,7 @@ from lm_pretrain.data.loader import PackedWindows, TrainBatches, train_loader
 from lm_pretrain.model.decoder import Decoder, DecoderConfig, default_intermediate_size
 from lm_pretrain.model.export import hf_config_dict
 from lm_pretrain.recipe import OptimConfig
-from lm_pretrain.train.trainer import build_optimizer
+from lm_pretrain.train.optim import build_optimizer
 
 LOSS_EVERY = 10  # steps between host reads of the loss, as train.log_every does
 HF = "transformers"

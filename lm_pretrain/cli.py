@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from lm_pretrain.errors import LmpError, check_writable
+from lm_pretrain.run_folder import BRANCH_FILE, STATUS_FILE
 
 if TYPE_CHECKING:
     from lm_pretrain.recipe import Recipe
@@ -144,7 +145,9 @@ def train(
     """
     from lm_pretrain.data.prepare import prepare_data
     from lm_pretrain.recipe import load_recipe
-    from lm_pretrain.train.trainer import EXIT_STOPPED, Branch, plan_start, split_batch
+    from lm_pretrain.train.forward import split_batch
+    from lm_pretrain.train.signals import EXIT_STOPPED
+    from lm_pretrain.train.start import Branch, plan_start
     from lm_pretrain.train.trainer import train as run_training
 
     loaded = load_recipe(recipe, set_)
@@ -175,7 +178,7 @@ def train(
         prepare_data(loaded, console=console)
         os.environ["LMP_DATA_REPORTED"] = "1"  # the processes need not print the data report again
         code = _launch_processes(nproc, ["-m", "lm_pretrain.cli", "train", *args])
-        status = run_dir / "status.json"
+        status = run_dir / STATUS_FILE
         # the launcher reports any worker's non-zero exit as a failure; a stop keeps its own code
         if code and status.is_file() and json.loads(status.read_text()).get("state") == "stopped":
             code = EXIT_STOPPED
@@ -194,7 +197,7 @@ def train(
     if os.environ.get("RANK", "0") != "0":
         return
     if result.already_finished:
-        branch_file = run_dir / "branch.json"
+        branch_file = run_dir / BRANCH_FILE
         decay = json.loads(branch_file.read_text()).get("decay_steps") if branch_file.is_file() else None
         longer = (
             f"A decay branch's length is set by its decay ({decay} steps): for another decay, branch "

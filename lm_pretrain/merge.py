@@ -29,6 +29,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lm_pretrain.errors import LmpError, check_writable
+from lm_pretrain.run_folder import (
+    BRANCH_FILE,
+    CHECKPOINTS_DIR,
+    METRICS_FILE,
+    RECIPE_FILE,
+    STATUS_FILE,
+    read_json,
+)
 
 METHODS = ("uniform", "weighted", "ema", "loss", "greedy")
 CONFIG_FILE = "config.json"
@@ -91,7 +99,7 @@ def resolve_inputs(paths: list[Path], run: Path | None, last_k: int | None) -> l
     if run is None:
         raise LmpError("nothing to merge: pass checkpoint folders, or --run RUN [--last-k K]")
     # a run may hold two folders of one step (a milestone copy beside step-N): count each step once
-    by_step = {(_read_json(p / STATE_FILE) or {}).get("step", p.name): p for p in step_checkpoints(run)}
+    by_step = {(read_json(p / STATE_FILE) or {}).get("step", p.name): p for p in step_checkpoints(run)}
     found = list(by_step.values())
     if not found:
         raise LmpError(f"{run / 'checkpoints'} holds no complete step-N checkpoint; is {run} a run folder?")
@@ -116,19 +124,9 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     )
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LmpError(f"{path} is not valid JSON ({exc})") from None
-    return data if isinstance(data, dict) else None
-
-
 def _logged_val_losses(run_dir: Path) -> dict[int, float] | None:
     """step -> val_loss from a run's metrics.jsonl, or None when the run has no metrics file."""
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
     if not metrics.is_file():
         return None
     losses = {}
@@ -154,7 +152,7 @@ def read_input(folder: Path) -> MergeInput:
         )
     item = MergeInput(folder, _weight_files(folder))
     # trainer_state.json is a checkpoint's own record; lmp.json is written into every lmp folder
-    state = _read_json(folder / STATE_FILE) or _read_json(folder / PROVENANCE_FILE) or {}
+    state = read_json(folder / STATE_FILE) or read_json(folder / PROVENANCE_FILE) or {}
     if isinstance(state.get("step"), int):
         item.step = state["step"]
     # The trainer records its latest evaluation in each checkpoint; it is this checkpoint's own
@@ -171,11 +169,11 @@ def read_input(folder: Path) -> MergeInput:
 def check_compatible(inputs: list[MergeInput]) -> None:
     """LmpError naming the first difference in config, tokenizer, tensor names, shapes or dtypes."""
     first = inputs[0]
-    base_config = _read_json(first.path / CONFIG_FILE) or {}
+    base_config = read_json(first.path / CONFIG_FILE) or {}
     base_specs = _tensor_specs(first)
     for other in inputs[1:]:
         pair = f"{other.path} and {first.path}"
-        config = _read_json(other.path / CONFIG_FILE) or {}
+        config = read_json(other.path / CONFIG_FILE) or {}
         for key in [*base_config, *(k for k in config if k not in base_config)]:
             if key not in _CONFIG_IGNORED and base_config.get(key) != config.get(key):
                 raise LmpError(
@@ -302,9 +300,9 @@ class RunScorer:
         from lm_pretrain.data.loader import validation_batches
         from lm_pretrain.data.prepare import prepare_data
         from lm_pretrain.recipe import load_recipe
-        from lm_pretrain.train.trainer import make_accelerator
+        from lm_pretrain.train.forward import make_accelerator
 
-        recipe_path = run_dir / "recipe.yaml"
+        recipe_path = run_dir / RECIPE_FILE
         if not recipe_path.is_file():
             raise LmpError(
                 f"{recipe_path} is missing: scoring needs the run's recipe to find its validation data; "
@@ -324,7 +322,7 @@ class RunScorer:
         self.accelerator = make_accelerator(self.recipe.train.precision)
 
     def __call__(self, model: torch.nn.Module) -> float:
-        from lm_pretrain.train.trainer import validation_loss
+        from lm_pretrain.train.forward import validation_loss
 
         return validation_loss(model.to(self.accelerator.device), self.batches, self.accelerator)
 
@@ -336,7 +334,7 @@ def _find_run(inputs: list[MergeInput], run: Path | None) -> Path | None:
     parents = {i.path.resolve().parent for i in inputs}
     if len(parents) == 1:
         (folder,) = parents
-        if folder.name == "checkpoints" and (folder.parent / "recipe.yaml").is_file():
+        if folder.name == "checkpoints" and (folder.parent / RECIPE_FILE).is_file():
             return folder.parent
     return None
 
@@ -347,7 +345,7 @@ def _decoder_for(inputs: list[MergeInput]):
 
     config_path = inputs[0].path / CONFIG_FILE
     try:
-        return Decoder(decoder_config_from_hf(_read_json(config_path) or {}))
+        return Decoder(decoder_config_from_hf(read_json(config_path) or {}))
     except LmpError as exc:
         raise LmpError(f"{config_path}: {exc}; scoring needs a model lmp's decoder can run") from None
 
@@ -506,7 +504,7 @@ def _run_root(folder: Path) -> Path | None:
         return None
     run_dir = folder.parent.parent
     seen = {run_dir}
-    while "parent_run" in (branch := _read_json(run_dir / "branch.json") or {}):
+    while "parent_run" in (branch := read_json(run_dir / BRANCH_FILE) or {}):
         run_dir = Path(branch["parent_run"])
         if run_dir in seen:
             break
@@ -542,7 +540,7 @@ def _check_output(out: Path, folders: list[Path], force: bool) -> None:
     if out.exists() and not force:
         raise LmpError(f"--out {out} already exists; pass --force to replace it, or pick another folder")
     # --force replaces an earlier model folder, never a run or a folder of other things
-    run_files = [n for n in ("recipe.yaml", "status.json", "checkpoints") if (out / n).exists()]
+    run_files = [n for n in (RECIPE_FILE, STATUS_FILE, CHECKPOINTS_DIR) if (out / n).exists()]
     if run_files:
         raise LmpError(
             f"--out {out} is a training run ({', '.join(run_files)}); it is never replaced, pick another folder"

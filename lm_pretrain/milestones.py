@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lm_pretrain.errors import LmpError
+from lm_pretrain.run_folder import BRANCH_FILE
 
 
 def _is_training_state(name: str) -> bool:
@@ -43,7 +44,7 @@ def _milestones_of(
     a parent's milestones count up to the step the branch started from (they are the branch's
     history), the branch's own from there on."""
     found: dict[str, tuple[int, Path]] = {}
-    branch_file = run_dir / "branch.json"
+    branch_file = run_dir / BRANCH_FILE
     if branch_file.is_file():
         branch = json.loads(branch_file.read_text())
         parent_step = branch["parent_step"] if up_to_step is None else min(branch["parent_step"], up_to_step)

@@ -18,10 +18,18 @@ import yaml
 from rich.table import Table
 
 from lm_pretrain.errors import LmpError
+from lm_pretrain.run_folder import (
+    BRANCH_FILE,
+    METRICS_FILE,
+    RECIPE_FILE,
+    STATUS_FILE,
+    SUMMARY_FILE,
+    read_json,
+)
 
 # folders inside a run that never hold runs themselves; skipped when searching for runs
 _NOT_RUNS = {"checkpoints", "final", "tokenizer", "wandb", "tensorboard", ".tmp-final"}
-_RUN_MARKERS = ("metrics.jsonl", "recipe.yaml", "status.json")
+_RUN_MARKERS = (METRICS_FILE, RECIPE_FILE, STATUS_FILE)
 EVAL_PREFIX = "eval/"
 
 
@@ -120,14 +128,11 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def _read_json(path: Path, warnings: list[str]) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        warnings.append(f"{path}: unreadable ({exc})")
+        return read_json(path)
+    except LmpError as exc:  # a damaged file leaves its fields empty, and is noted
+        warnings.append(str(exc))
         return None
-    return value if isinstance(value, dict) else None
 
 
 def load_run(run_dir: Path) -> Run:
@@ -136,19 +141,19 @@ def load_run(run_dir: Path) -> Run:
     if not run_dir.is_dir():
         raise LmpError(f"{run_dir} is not a folder; give a run folder such as runs/demo")
     run = Run(path=run_dir)
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
     if metrics.is_file():
         run.records, run.warnings = read_metrics(metrics)
-    recipe_file = run_dir / "recipe.yaml"
+    recipe_file = run_dir / RECIPE_FILE
     if recipe_file.is_file():
         try:
             recipe = yaml.safe_load(recipe_file.read_text())
             run.recipe = recipe if isinstance(recipe, dict) else {}
         except (OSError, yaml.YAMLError) as exc:
             run.warnings.append(f"{recipe_file}: unreadable ({exc})")
-    run.status = _read_json(run_dir / "status.json", run.warnings)
-    run.summary = _read_json(run_dir / "summary.json", run.warnings)
-    run.branch = _read_json(run_dir / "branch.json", run.warnings)
+    run.status = _read_json(run_dir / STATUS_FILE, run.warnings)
+    run.summary = _read_json(run_dir / SUMMARY_FILE, run.warnings)
+    run.branch = _read_json(run_dir / BRANCH_FILE, run.warnings)
     return run
 
 

@@ -19,24 +19,12 @@ from rich.progress import (
 )
 
 from lm_pretrain.recipe import Recipe
-
-
-def write_status(run_dir: Path, state: str, **extra: Any) -> None:
-    """<run>/status.json: running | finished | stopped | failed, for `lmp runs` and resume."""
-    record = {"state": state, "pid": os.getpid(), "updated": round(time.time(), 3), **extra}
-    write_atomic(run_dir / "status.json", json.dumps(record) + "\n")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary sibling and a rename: a kill leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from lm_pretrain.run_folder import METRICS_FILE
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
     """Keep only the metrics up to `last_step`, so a resumed run's log tells one history."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
         return
     kept = []
@@ -56,7 +44,7 @@ class MetricsSink:
 
     def __init__(self, run_dir: Path, recipe: Recipe, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         self._file = open(self.path, "a") if enabled else None  # noqa: SIM115 - closed in close()
         self._wandb: Any = None
         self._tb: Any = None

@@ -105,7 +105,7 @@ def test_unprunable_old_checkpoint_warns_and_keeps_the_new_one(tmp_path, monkeyp
 
 
 def test_out_refuses_a_folder_lmp_did_not_create(bible_corpus, tmp_path):
-    from lm_pretrain.train.trainer import _start_state
+    from lm_pretrain.train.start import _start_state
 
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -15,6 +15,7 @@ import torch
 
 from lm_pretrain.errors import LmpError
 from lm_pretrain.eval.scoring import ScoringModel
+from lm_pretrain.run_folder import RECIPE_FILE
 
 IGNORE_INDEX = -100
 
@@ -22,7 +23,7 @@ IGNORE_INDEX = -100
 def run_folder_of(model_path: Path) -> Path | None:
     """The lmp run a model folder belongs to (runs/<name>, its final/ or checkpoints/step-N)."""
     for candidate in (model_path, model_path.parent, model_path.parent.parent):
-        if (candidate / "recipe.yaml").is_file():
+        if (candidate / RECIPE_FILE).is_file():
             return candidate
     return None
 
@@ -89,7 +90,7 @@ def validation_perplexity(sm: ScoringModel, run_dir: Path, max_tokens: int | Non
     from lm_pretrain.data.prepare import prepare_data
     from lm_pretrain.recipe import load_recipe
 
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe = load_recipe(run_dir / RECIPE_FILE)
     data = prepare_data(recipe, show_progress=False)
     tokens = np.asarray(data.val.tokens)
     seq_len = min(recipe.seq_len, int(getattr(sm.model.config, "max_position_embeddings", recipe.seq_len)))

@@ -8,8 +8,7 @@ from rich.table import Table
 
 from lm_pretrain.errors import LmpError
 from lm_pretrain.recipe import Recipe
-from lm_pretrain.train.schedule import make_schedule
-from lm_pretrain.train.trainer import total_steps
+from lm_pretrain.train.schedule import make_schedule, total_steps
 
 
 def describe_schedule(recipe: Recipe, png: Path | None = None) -> Table:

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 
 from lm_pretrain.errors import LmpError
-from lm_pretrain.recipe import ScheduleConfig
+from lm_pretrain.recipe import Recipe, ScheduleConfig
 
 
 def decay_shape(progress: float, shape: str) -> float:
@@ -117,3 +117,15 @@ def make_schedule(
             "are fractions of training) or train longer"
         )
     return Schedule(cfg, total_steps, warmup, decay, cooldown, branch)
+
+
+def total_steps(recipe: Recipe, words_per_token: float | None = None) -> int:
+    """Optimizer steps of the run, from max_steps, max_tokens or the words-seen bound."""
+    tokens_per_step = recipe.train.batch_size * recipe.seq_len
+    if recipe.train.max_steps is not None:
+        return recipe.train.max_steps
+    if recipe.train.max_tokens is not None:
+        return math.ceil(recipe.train.max_tokens / tokens_per_step)
+    if words_per_token is None:
+        raise ValueError("a words-seen bound needs the corpus's words per token")
+    return math.ceil(recipe.max_words_seen / (tokens_per_step * words_per_token))

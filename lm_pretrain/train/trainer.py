@@ -6,14 +6,10 @@ visible here in one loop.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import math
 import os
 import signal
-import socket
-import sys
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
@@ -21,34 +17,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, set_seed
 from rich.console import Console
-from tokenizers import Tokenizer
 
 from lm_pretrain.average import WeightAverager
 from lm_pretrain.data.loader import (
-    IGNORE_INDEX,
     PackedWindows,
     TrainBatches,
-    causal_mask,
     close_loader,
-    document_bounds,
-    document_masks,
-    document_positions,
     train_loader,
     validation_batches,
 )
-from lm_pretrain.data.masking import VALIDATION_SAMPLES, MntpMasker, objective_weights
-from lm_pretrain.data.prepare import PreparedData, prepare_data
+from lm_pretrain.data.masking import VALIDATION_SAMPLES, MntpMasker
+from lm_pretrain.data.prepare import prepare_data
 from lm_pretrain.data.tokenizer import save_hf_tokenizer, special_token_ids
-from lm_pretrain.errors import LmpError, check_writable
+from lm_pretrain.errors import LmpError
 from lm_pretrain.milestones import milestone_name, milestone_words
-from lm_pretrain.model.decoder import Decoder, DecoderConfig, use_varlen_attention
+from lm_pretrain.model.decoder import Decoder, DecoderConfig
 from lm_pretrain.plot import write_run_plot
-from lm_pretrain.recipe import OptimConfig, Recipe, TrainConfig, load_recipe, recipe_changes
-from lm_pretrain.track import MetricsSink, TrainProgress, truncate_metrics, write_atomic, write_status
+from lm_pretrain.recipe import Recipe
+from lm_pretrain.run_folder import (
+    BRANCH_FILE,
+    RECIPE_FILE,
+    STATUS_FILE,
+    SUMMARY_FILE,
+    write_atomic,
+    write_status,
+)
+from lm_pretrain.track import MetricsSink, TrainProgress, truncate_metrics
 from lm_pretrain.train import sharding
 from lm_pretrain.train.checkpoint import (
     load_state_file,
@@ -58,42 +54,17 @@ from lm_pretrain.train.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
-    step_checkpoints,
     write_model_folder,
 )
 from lm_pretrain.train.compile_check import compiled_disagreement
-from lm_pretrain.train.schedule import Decay, Schedule, make_schedule
+from lm_pretrain.train.forward import forward_loss, make_accelerator, split_batch, validation_loss
+from lm_pretrain.train.optim import apply_update, build_optimizer
+from lm_pretrain.train.schedule import Decay, make_schedule, total_steps
+from lm_pretrain.train.signals import StopFlag, StopVote
+from lm_pretrain.train.start import Branch, check_same_data, lock_run_folder, lr_jump_warning, plan_start
 
-# `lmp train` exits with this code when a signal stopped it after saving: resubmit to resume
-EXIT_STOPPED = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 AVERAGE_FILE = "average.pt"
 SCALER_FILE = "scaler.pt"
-# recipe fields a resumed run may change: how long it trains, what it reports, how it runs here.
-# Everything else (data, tokenizer, model, objective, optimizer, schedule, batch) must match.
-_RESUME_MAY_CHANGE = (
-    "name",
-    "data.cache_dir",
-    "train.max_steps",
-    "train.max_tokens",
-    "train.max_words_seen",
-    "train.micro_batch_size",
-    "train.precision",
-    "train.compile",
-    "train.distributed",
-    "train.activation_checkpointing",
-    "train.log_every",
-    "train.eval_every",
-    "train.eval_tokens",
-    "train.num_threads",
-    "train.data_worker",
-    "train.skip_nonfinite",
-    "eval",
-    "checkpoint",
-    "tracking",
-)
-# a branch may also change the schedule: a decay starts from the parent's LR, a fork follows its own
-_BRANCH_MAY_CHANGE = (*_RESUME_MAY_CHANGE, "schedule")
 
 
 @dataclass
@@ -108,389 +79,6 @@ class TrainResult:
     continued: bool = False  # started from a checkpoint (resumed or branched), not from scratch
     stopped_by_signal: bool = False
     already_finished: bool = False  # the run had reached its length: nothing was trained or written
-
-
-@dataclass(frozen=True)
-class Branch:
-    """Start a new run from another run's checkpoint; with a decay length, decay from there."""
-
-    checkpoint: Path
-    decay_steps: int | None = None
-    decay_fraction: float | None = None
-
-    def run_name(self, recipe_name: str) -> str:
-        """The default folder name: <recipe>-<checkpoint>[-decay<N>], a sibling of the main run."""
-        label = f"{recipe_name}-{self.checkpoint.name}"
-        if self.decay_steps is not None:
-            return f"{label}-decay{self.decay_steps}"
-        if self.decay_fraction is not None:
-            return f"{label}-decay{self.decay_fraction:g}"
-        return label
-
-    def resolve_decay(self, start_step: int) -> int | None:
-        """The decay length in steps; a fraction F makes the decay F of the branch's total steps."""
-        if self.decay_steps is not None:
-            return self.decay_steps
-        if self.decay_fraction is not None:
-            return max(1, round(self.decay_fraction * start_step / (1 - self.decay_fraction)))
-        return None
-
-
-class StopFlag:
-    """Set by SIGTERM / SIGUSR1 (SLURM preemption, time limit); checked once per step.
-
-    Ctrl-C (SIGINT) in the training loop (`armed`) also stops with a checkpoint; a second Ctrl-C,
-    or one outside the loop, interrupts at once (KeyboardInterrupt).
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.armed = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        for sig in (*STOP_SIGNALS, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if signum == signal.SIGINT:
-            if not self.armed or self.signum is not None:
-                raise KeyboardInterrupt
-            if os.environ.get("RANK", "0") == "0":
-                sys.stderr.write(
-                    "\nCtrl-C: saving a checkpoint after this step (Ctrl-C again quits without)\n"
-                )
-        self.signum = signum
-
-
-def make_accelerator(precision: str) -> Accelerator:
-    on_gpu = torch.cuda.is_available()
-    if precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
-        precision = "fp16"  # older GPUs: fp16 autocast with a loss scaler instead
-    if precision == "fp16" and not on_gpu:
-        raise LmpError("train.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-    # Accelerate keeps one precision per process; a second run in the same process (a notebook,
-    # a test, a merge that scores checkpoints) may ask for another. The process group is kept.
-    AcceleratorState._reset_state()
-    return Accelerator(cpu=not on_gpu, mixed_precision=mixed)
-
-
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms), fused where the device supports it."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    kwargs = dict(lr=optim.lr, betas=optim.betas, eps=optim.eps)
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, **kwargs)
-
-
-def apply_update(
-    optimizer: torch.optim.Optimizer,
-    accelerator: Accelerator,
-    grad_norm: torch.Tensor,
-    step_loss: torch.Tensor,
-) -> torch.Tensor:
-    """The optimizer step, skipped when the loss or the gradients are not finite (so no NaN
-    reaches the weights). Returns that verdict as a device tensor, without waiting for the device:
-    fused AdamW skips on the device (its found_inf input), and under fp16 the loss scaler does.
-    Only a non-fused optimizer makes the host read the verdict (free on CPU).
-    """
-    if accelerator.scaler is not None:
-        # fp16: the scaler skips a step whose scaled gradients overflowed and lowers its scale,
-        # which is routine; only a non-finite loss counts as a bad step
-        optimizer.step()
-        return torch.isfinite(accelerator.reduce(step_loss, "sum"))
-    # a non-finite loss makes the gradient norm non-finite too
-    finite = torch.isfinite(grad_norm)
-    inner = getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's wrapper
-    if inner.defaults.get("fused"):
-        inner.found_inf = (~finite).float()
-        optimizer.step()
-    elif finite:
-        optimizer.step()
-    return finite
-
-
-def total_steps(recipe: Recipe, words_per_token: float | None = None) -> int:
-    """Optimizer steps of the run, from max_steps, max_tokens or the words-seen bound."""
-    tokens_per_step = recipe.train.batch_size * recipe.seq_len
-    if recipe.train.max_steps is not None:
-        return recipe.train.max_steps
-    if recipe.train.max_tokens is not None:
-        return math.ceil(recipe.train.max_tokens / tokens_per_step)
-    if words_per_token is None:
-        raise ValueError("a words-seen bound needs the corpus's words per token")
-    return math.ceil(recipe.max_words_seen / (tokens_per_step * words_per_token))
-
-
-def forward_loss(
-    model: torch.nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    bos_token_id: int | None,
-    bidirectional: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The model's loss on a batch; with a BOS id, packed documents are kept apart. Rows flagged
-    in `bidirectional` (masked next-token rows) attend both ways, each objective weighted by its
-    share of rows."""
-    weights = None if bidirectional is None else objective_weights(targets, bidirectional)
-    positions = mask = bounds = None
-    if bos_token_id is not None and bidirectional is None and use_varlen_attention(inputs.device):
-        # flash attention per document: no [T, T] mask, and no work across documents
-        positions, bounds = document_positions(inputs, bos_token_id), document_bounds(inputs, bos_token_id)
-    elif bos_token_id is not None:
-        positions, mask = document_masks(inputs, bos_token_id, bidirectional)
-    elif bidirectional is not None:
-        mask = causal_mask(inputs, bidirectional).unsqueeze(1)
-    # return_logits=False: the chunked loss, which never holds full-vocabulary logits
-    out = model(
-        inputs,
-        targets,
-        position_ids=positions,
-        attn_mask=mask,
-        return_logits=False,
-        loss_weights=weights,
-        cu_seqlens=bounds,
-    )
-    return out.loss
-
-
-@torch.no_grad()
-def validation_loss(
-    model: torch.nn.Module, batches: list, accelerator: Accelerator, document_bos: int | None = None
-) -> float:
-    """Mean cross-entropy (nats) over the fixed validation windows: (inputs, targets) batches are
-    scored causally, (inputs, targets, bidirectional rows) ones as masked next-token rows."""
-    model.eval()
-    loss_sum = torch.zeros((), device=accelerator.device)
-    count = torch.zeros((), device=accelerator.device)
-    for inputs, targets, *bidirectional in batches:
-        inputs, targets = inputs.to(accelerator.device), targets.to(accelerator.device)
-        rows = bidirectional[0].to(accelerator.device) if bidirectional else None
-        with accelerator.autocast():
-            loss = forward_loss(model, inputs, targets, document_bos, rows)
-        n = (targets != IGNORE_INDEX).sum()
-        loss_sum += loss.float() * n
-        count += n
-    model.train()
-    return (loss_sum / count).item()
-
-
-def split_batch(cfg: TrainConfig, world: int, processes: str) -> tuple[int, int]:
-    """(micro-batch size, accumulation steps) of each of `world` processes, or LmpError naming
-    `processes` (how the user chose their number)."""
-    micro = cfg.micro_batch_size or cfg.batch_size // world
-    if micro == 0 or cfg.batch_size % (micro * world):
-        per = f" x train.micro_batch_size {cfg.micro_batch_size}" if cfg.micro_batch_size else ""
-        raise LmpError(
-            f"train.batch_size {cfg.batch_size} must be divisible by {processes}{per}: each process "
-            "takes an equal share of a batch"
-        )
-    return micro, cfg.batch_size // (micro * world)
-
-
-def _changes_allowed(
-    recipe: Recipe, saved: Recipe, may_change: tuple[str, ...], refusal: str
-) -> list[tuple[str, Any, Any]]:
-    """The changes from the `saved` recipe; LmpError(refusal + the fields) when any field outside
-    `may_change` differs."""
-    changes = recipe_changes(saved, recipe)
-    blocked = [
-        (key, old, new)
-        for key, old, new in changes
-        if not any(key == p or key.startswith(p + ".") for p in may_change)
-    ]
-    if blocked:
-        listed = "\n".join(f"  {key}: {old!r} there, {new!r} now" for key, old, new in blocked)
-        raise LmpError(f"{refusal}\n{listed}")
-    return changes
-
-
-def _start_state(run_dir: Path, branch: Branch | None, resume: bool) -> tuple[Path | None, dict | None]:
-    """Which checkpoint to load, and the branch record of a branch run (new or resumed)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise LmpError(f"--out {run_dir} is a file; give a folder for the run, e.g. runs/<name>")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not _is_run_folder(run_dir):
-        raise LmpError(
-            f"--out {run_dir} is not empty and holds no lmp run (no status.json); "
-            "train into a new folder so nothing in it is overwritten"
-        )
-    existing = step_checkpoints(run_dir)
-    branch_file = run_dir / "branch.json"
-    record = _read_json(branch_file, "train into a new folder with --out") if branch_file.is_file() else None
-    if existing:
-        if branch is not None and record is None:
-            raise LmpError(f"{run_dir} already holds a run; give the branch its own folder with --out")
-        if branch is not None and (
-            branch.checkpoint.resolve() != Path(record["checkpoint"])
-            or branch.resolve_decay(record["parent_step"]) != record["decay_steps"]
-        ):
-            raise LmpError(
-                f"{run_dir} holds a branch from {record['checkpoint']} with decay_steps "
-                f"{record['decay_steps']}; resume it with those, or give this branch its own folder with --out"
-            )
-        return existing[-1], record
-    if resume:
-        raise LmpError(f"--resume: {run_dir} holds no checkpoint to resume from")
-    if (run_dir / "final").exists() or (run_dir / "summary.json").exists():
-        raise LmpError(
-            f"{run_dir} holds a trained run (final/, summary.json) but no checkpoint to continue from; "
-            f"training again would overwrite its model and metrics. Train into a new folder with --out, "
-            f"or delete {run_dir} first to start it over"
-        )
-    if branch is None:
-        return None, None
-    if not branch.checkpoint.exists():
-        raise LmpError(
-            f"--branch-from {branch.checkpoint} does not exist; pass a runs/<name>/checkpoints/step-<N> folder"
-        )
-    if not (branch.checkpoint / "trainer_state.json").is_file():
-        raise LmpError(
-            f"--branch-from {branch.checkpoint} is not an lmp checkpoint (no trainer_state.json); "
-            "pass a runs/<name>/checkpoints/step-<N> folder"
-        )
-    start_step = _read_json(branch.checkpoint / "trainer_state.json", "branch from another checkpoint")[
-        "step"
-    ]
-    record = {
-        "parent_run": str(branch.checkpoint.resolve().parent.parent),
-        "parent_step": start_step,
-        "checkpoint": str(branch.checkpoint.resolve()),
-        "decay_steps": branch.resolve_decay(start_step),
-    }
-    return branch.checkpoint, record
-
-
-def _check_same_data(checkpoint: Path, state: dict, data: PreparedData, recipe: Recipe) -> None:
-    """Refuse to continue a checkpoint on another corpus or under another tokenizer: its weights
-    would read other token ids, and its data position would point into other text."""
-    saved = checkpoint / "tokenizer.json"
-    if saved.is_file():
-        before = Tokenizer.from_file(str(saved)).get_vocab()
-        moved = sum(before.get(token) != i for token, i in data.tokenizer.get_vocab().items())
-        if moved:
-            raise LmpError(
-                f"the tokenizer for this corpus differs from the one {checkpoint} was trained with "
-                f"({moved:,} token ids map differently): the corpus (data.path {recipe.data.path}) or "
-                "tokenizer.path changed since the run started. Restore them, or train into a new folder with --out"
-            )
-    if state.get("corpus", data.corpus_fingerprint) != data.corpus_fingerprint:
-        raise LmpError(
-            f"the corpus at data.path {recipe.data.path} is not the one {checkpoint} was trained on (its "
-            "documents changed since the run started), so the run cannot continue where it stopped. "
-            "Restore the corpus, or train on the new one into a new folder with --out"
-        )
-
-
-def _lock_run_folder(run_dir: Path, cleanup: ExitStack) -> None:
-    """Hold run_dir/.lock while training: a second `lmp train` into the same folder would
-    resume from checkpoints the first is still writing and interleave both logs. A POSIX lock:
-    the kernel drops it when this process ends, however it ends, and forked children (the data
-    worker, which may outlive a killed trainer by seconds) do not hold it."""
-    handle = cleanup.enter_context((run_dir / ".lock").open("a+"))
-    try:
-        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EAGAIN):
-            return  # a filesystem without locks (some network mounts): train unguarded
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        raise LmpError(
-            f"{run_dir} is in use by another lmp train ({holder}); wait for it to end or stop it "
-            "(it saves a checkpoint on SIGTERM), or train into another folder with --out"
-        ) from None
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
-
-
-def _lr_jump(before: Recipe, schedule: Schedule, step: int, words_per_token: float) -> str | None:
-    """A new length moves a final decay: a warning when the LR at the resume step changes."""
-    tokens_per_step = before.train.batch_size * before.seq_len
-    old = make_schedule(before.schedule, total_steps(before, words_per_token), tokens_per_step)(step)
-    new = schedule(step)
-    if abs(new - old) <= 0.05 * max(old, new):
-        return None
-    return (
-        f"  warning: the new length moves the schedule's decay: the LR at step {step} goes from "
-        f"{old:.0%} to {new:.0%} of the peak"
-    )
-
-
-def _read_json(path: Path, fix: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise LmpError(f"{path} is damaged ({exc}); {fix}") from None
-
-
-def _is_run_folder(path: Path) -> bool:
-    """A folder lmp trained into: every run writes status.json before anything else. A recipe.yaml
-    alone may be the user's own file, which training would overwrite."""
-    return (path / "status.json").is_file()
-
-
-@dataclass
-class StartPlan:
-    """Where a run starts: the checkpoint to load (None: from scratch), the branch record, the
-    recipe fields changed since the run's last attempt (and that attempt's recipe), and the
-    parent's recipe of a branch."""
-
-    checkpoint: Path | None
-    branch_record: dict | None
-    changes: list[tuple[str, Any, Any]]
-    previous_recipe: Recipe | None  # the run's own recipe before this attempt, when resuming
-    parent_recipe: Recipe | None
-
-
-def plan_start(recipe: Recipe, run_dir: Path, branch: Branch | None, resume: bool) -> StartPlan:
-    """Decide where training starts, refusing (LmpError) a recipe that does not fit the run folder
-    or the branch's parent. Writes nothing."""
-    if recipe.data.validation_fraction == 0:
-        raise LmpError(
-            "training reports validation loss on held-out documents: set data.validation_fraction "
-            "above 0 (0.01 is usual)"
-        )
-    check_writable(run_dir, "run folder")
-    checkpoint, branch_record = _start_state(run_dir, branch, resume)
-    changes = []
-    previous = None
-    saved = run_dir / "recipe.yaml"
-    if checkpoint is not None and checkpoint.parent.parent == run_dir and saved.is_file():
-        previous = load_recipe(saved)
-        changes = _changes_allowed(
-            recipe,
-            previous,
-            _RESUME_MAY_CHANGE,
-            f"{run_dir} holds a run whose recipe differs from this one; resume it with its own "
-            f"recipe (lmp train {saved} --out {run_dir}; lengths, evaluation, checkpointing and "
-            f"tracking may change with --set), or train this recipe into a new folder with --out:",
-        )
-    parent_recipe = None
-    if branch_record is not None:
-        parent_saved = Path(branch_record["parent_run"]) / "recipe.yaml"
-        parent_recipe = load_recipe(parent_saved) if parent_saved.is_file() else recipe
-        _changes_allowed(
-            recipe,
-            parent_recipe,
-            _BRANCH_MAY_CHANGE,
-            f"a branch continues its parent's data, model and optimizer, but this recipe differs "
-            f"from the parent's ({parent_saved}); branch with that recipe:",
-        )
-
-    return StartPlan(checkpoint, branch_record, changes, previous, parent_recipe)
 
 
 def train(
@@ -530,11 +118,11 @@ def train(
 def _finished_result(run_dir: Path, start_from: Path | None, steps: int) -> TrainResult | None:
     """The result of a run that already trained `steps` steps and wrote final/, else None."""
     # summary.json is written last: without it the final export is redone
-    if start_from is None or start_from.parent.parent != run_dir or not (run_dir / "summary.json").is_file():
+    if start_from is None or start_from.parent.parent != run_dir or not (run_dir / SUMMARY_FILE).is_file():
         return None
     step = json.loads((start_from / "trainer_state.json").read_text())["step"]
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     except ValueError:  # cut short by a kill: redo the final export, which rewrites it
         return None
     if step < steps or summary.get("step") != step:  # not done, or final/ is from an earlier length
@@ -553,7 +141,7 @@ def _finished_result(run_dir: Path, start_from: Path | None, steps: int) -> Trai
 
 def _started_here(run_dir: Path) -> bool:
     try:
-        status = json.loads((run_dir / "status.json").read_text())
+        status = json.loads((run_dir / STATUS_FILE).read_text())
     except (OSError, ValueError):
         return False
     return status.get("state") == "running" and status.get("pid") == os.getpid()
@@ -634,9 +222,11 @@ def _train(
     checkpoint = read_checkpoint(start_from, accelerator.process_index) if start_from is not None else None
     lr_jump = None
     if checkpoint is not None:
-        _check_same_data(start_from, checkpoint.state, data, recipe)
+        check_same_data(start_from, checkpoint.state, data, recipe)
         if plan.changes and branch_record is None:
-            lr_jump = _lr_jump(plan.previous_recipe, schedule, checkpoint.state["step"], words_per_token)
+            lr_jump = lr_jump_warning(
+                plan.previous_recipe, schedule, checkpoint.state["step"], words_per_token
+            )
     ids = special_token_ids(data.tokenizer, recipe.tokenizer)
     tokenizer_dir = run_dir / "tokenizer"
     set_seed(recipe.seed)
@@ -656,12 +246,12 @@ def _train(
         load_weights(model, checkpoint, start_from)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _lock_run_folder(run_dir, cleanup)
+        lock_run_folder(run_dir, cleanup)
         # status.json first: it is what marks a folder as lmp's own (see _is_run_folder)
         write_status(run_dir, "running")
-        write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+        write_atomic(run_dir / RECIPE_FILE, recipe.to_yaml())
         if branch_record is not None:
-            write_atomic(run_dir / "branch.json", json.dumps(branch_record, indent=2) + "\n")
+            write_atomic(run_dir / BRANCH_FILE, json.dumps(branch_record, indent=2) + "\n")
         tokenizer_dir.mkdir(exist_ok=True)
         save_hf_tokenizer(data.tokenizer, tokenizer_dir, recipe.tokenizer, recipe.model.max_seq_len)
     accelerator.wait_for_everyone()
@@ -1023,7 +613,7 @@ def _train(
                 write_model_folder(core, tokenizer_dir, tmp, {"kind": "final-avg", **state})
                 publish(tmp, run_dir / "final-avg")
         write_atomic(
-            run_dir / "summary.json",
+            run_dir / SUMMARY_FILE,
             json.dumps({**state, "unigram_entropy": data.unigram_entropy, "seconds": seconds}, indent=2)
             + "\n",
         )
@@ -1040,25 +630,3 @@ def _train(
         continued=start_from is not None,
         stopped_by_signal=stopped,
     )
-
-
-class StopVote:
-    """Whether any process got a stop signal, agreed by all without a device sync per step: each
-    step's vote is summed on a CPU (gloo) group in the background and read one step later, so
-    every process stops at the same step, one step after the first signal."""
-
-    def __init__(self, num_processes: int) -> None:
-        self.group = torch.distributed.new_group(backend="gloo") if num_processes > 1 else None
-        self.votes = torch.zeros(1)
-        self.pending: Any = None
-
-    def __call__(self, flag: bool) -> bool:
-        if self.group is None:
-            return flag
-        if self.pending is not None:
-            self.pending.wait()
-            if self.votes.item() > 0:
-                return True
-        self.votes = torch.tensor([1.0 if flag else 0.0])
-        self.pending = torch.distributed.all_reduce(self.votes, group=self.group, async_op=True)
-        return False

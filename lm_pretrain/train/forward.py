@@ -1,0 +1,99 @@
+"""The model's loss on a batch (causal, packed documents, masked next-token rows) and the
+validation loss over fixed windows; the process setup (Accelerate, batch split) they run under."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from lm_pretrain.data.loader import (
+    IGNORE_INDEX,
+    causal_mask,
+    document_bounds,
+    document_masks,
+    document_positions,
+)
+from lm_pretrain.data.masking import objective_weights
+from lm_pretrain.errors import LmpError
+from lm_pretrain.model.decoder import use_varlen_attention
+from lm_pretrain.recipe import TrainConfig
+
+
+def make_accelerator(precision: str) -> Accelerator:
+    on_gpu = torch.cuda.is_available()
+    if precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
+        precision = "fp16"  # older GPUs: fp16 autocast with a loss scaler instead
+    if precision == "fp16" and not on_gpu:
+        raise LmpError("train.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    # Accelerate keeps one precision per process; a second run in the same process (a notebook,
+    # a test, a merge that scores checkpoints) may ask for another. The process group is kept.
+    AcceleratorState._reset_state()
+    return Accelerator(cpu=not on_gpu, mixed_precision=mixed)
+
+
+def forward_loss(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    bos_token_id: int | None,
+    bidirectional: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The model's loss on a batch; with a BOS id, packed documents are kept apart. Rows flagged
+    in `bidirectional` (masked next-token rows) attend both ways, each objective weighted by its
+    share of rows."""
+    weights = None if bidirectional is None else objective_weights(targets, bidirectional)
+    positions = mask = bounds = None
+    if bos_token_id is not None and bidirectional is None and use_varlen_attention(inputs.device):
+        # flash attention per document: no [T, T] mask, and no work across documents
+        positions, bounds = document_positions(inputs, bos_token_id), document_bounds(inputs, bos_token_id)
+    elif bos_token_id is not None:
+        positions, mask = document_masks(inputs, bos_token_id, bidirectional)
+    elif bidirectional is not None:
+        mask = causal_mask(inputs, bidirectional).unsqueeze(1)
+    # return_logits=False: the chunked loss, which never holds full-vocabulary logits
+    out = model(
+        inputs,
+        targets,
+        position_ids=positions,
+        attn_mask=mask,
+        return_logits=False,
+        loss_weights=weights,
+        cu_seqlens=bounds,
+    )
+    return out.loss
+
+
+@torch.no_grad()
+def validation_loss(
+    model: torch.nn.Module, batches: list, accelerator: Accelerator, document_bos: int | None = None
+) -> float:
+    """Mean cross-entropy (nats) over the fixed validation windows: (inputs, targets) batches are
+    scored causally, (inputs, targets, bidirectional rows) ones as masked next-token rows."""
+    model.eval()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    count = torch.zeros((), device=accelerator.device)
+    for inputs, targets, *bidirectional in batches:
+        inputs, targets = inputs.to(accelerator.device), targets.to(accelerator.device)
+        rows = bidirectional[0].to(accelerator.device) if bidirectional else None
+        with accelerator.autocast():
+            loss = forward_loss(model, inputs, targets, document_bos, rows)
+        n = (targets != IGNORE_INDEX).sum()
+        loss_sum += loss.float() * n
+        count += n
+    model.train()
+    return (loss_sum / count).item()
+
+
+def split_batch(cfg: TrainConfig, world: int, processes: str) -> tuple[int, int]:
+    """(micro-batch size, accumulation steps) of each of `world` processes, or LmpError naming
+    `processes` (how the user chose their number)."""
+    micro = cfg.micro_batch_size or cfg.batch_size // world
+    if micro == 0 or cfg.batch_size % (micro * world):
+        per = f" x train.micro_batch_size {cfg.micro_batch_size}" if cfg.micro_batch_size else ""
+        raise LmpError(
+            f"train.batch_size {cfg.batch_size} must be divisible by {processes}{per}: each process "
+            "takes an equal share of a batch"
+        )
+    return micro, cfg.batch_size // (micro * world)
