@@ -62,6 +62,7 @@ from lm_pretrain.train.optim import apply_update, build_optimizer
 from lm_pretrain.train.schedule import Decay, make_schedule, total_steps
 from lm_pretrain.train.signals import StopFlag, StopVote
 from lm_pretrain.train.start import Branch, check_same_data, lock_run_folder, lr_jump_warning, plan_start
+from lm_pretrain.train.state import TrainState
 
 AVERAGE_FILE = "average.pt"
 SCALER_FILE = "scaler.pt"
@@ -224,9 +225,7 @@ def _train(
     if checkpoint is not None:
         check_same_data(start_from, checkpoint.state, data, recipe)
         if plan.changes and branch_record is None:
-            lr_jump = lr_jump_warning(
-                plan.previous_recipe, schedule, checkpoint.state["step"], words_per_token
-            )
+            lr_jump = lr_jump_warning(plan.previous_recipe, schedule, checkpoint.state["step"], words_per_token)
     ids = special_token_ids(data.tokenizer, recipe.tokenizer)
     tokenizer_dir = run_dir / "tokenizer"
     set_seed(recipe.seed)
@@ -262,18 +261,7 @@ def _train(
     if cfg.average is not None:
         a = cfg.average
         averager = WeightAverager(model, a.kind, decay=a.decay, k=a.k, every=a.every)
-    state: dict[str, Any] = {
-        "step": 0,
-        "samples": 0,
-        "tokens": 0,
-        "words": 0,
-        "val_loss": None,
-        "val_loss_step": None,  # the step val_loss was measured at: a checkpoint's own loss or not
-        "first_val_loss": None,
-        "seconds": 0.0,
-        "skipped_steps": 0,
-        "corpus": data.corpus_fingerprint,
-    }
+    state = TrainState(corpus=data.corpus_fingerprint)
     if checkpoint is not None:
         if fsdp:
             sharding.load_full_optimizer_state(optimizer, checkpoint.optimizer_state)
@@ -281,7 +269,7 @@ def _train(
             optimizer.load_state_dict(checkpoint.optimizer_state)
         if checkpoint.rng is not None:
             set_rng_state(checkpoint.rng)
-        state = {**state, **checkpoint.state}
+        state = TrainState.from_dict(checkpoint.state, corpus=data.corpus_fingerprint)
         if averager is not None and (start_from / AVERAGE_FILE).is_file():
             averager.load_state_dict(load_state_file(start_from / AVERAGE_FILE))
         if accelerator.scaler is not None and (start_from / SCALER_FILE).is_file():  # fp16 on GPU
@@ -289,13 +277,13 @@ def _train(
     if is_main:
         if start_from is not None:
             verb = "resuming" if branch is None else "branching"
-            console.print(f"{verb} from {start_from} (step {state['step']})")
+            console.print(f"{verb} from {start_from} (step {state.step})")
             for key, before, now in plan.changes:
                 console.print(f"  changed {key}: {before!r} -> {now!r}", highlight=False)
             if lr_jump:
                 console.print(lr_jump, style="yellow", highlight=False)
         # drop whatever a killed earlier attempt logged after the state we start from
-        truncate_metrics(run_dir, state["step"] if start_from is not None else -1)
+        truncate_metrics(run_dir, state.step if start_from is not None else -1)
     # the plain Decoder, sharing its parameters with the DDP / compiled wrappers: what is saved,
     # averaged and probed (a compiled wrapper would prefix every parameter name)
     core = model
@@ -412,13 +400,11 @@ def _train(
         accelerator.wait_for_everyone()
 
     if start_from is None:
-        state["first_val_loss"] = state["val_loss"] = validation_loss(
-            model, val_batches, accelerator, document_bos
-        )
-        state["val_loss_step"] = 0
-        sink.log({"step": 0, "tokens": 0, "words": 0, "val_loss": state["val_loss"]})
+        state.first_val_loss = state.val_loss = validation_loss(model, val_batches, accelerator, document_bos)
+        state.val_loss_step = 0
+        sink.log({"step": 0, "tokens": 0, "words": 0, "val_loss": state.val_loss})
 
-    step = state["step"]
+    step = state.step
     batches = TrainBatches(
         windows,
         micro=micro,
@@ -426,7 +412,7 @@ def _train(
         batch_size=cfg.batch_size,
         rank=accelerator.process_index,
         seq_len=seq_len,
-        start=(step, state["samples"], state["tokens"]),
+        start=(step, state.samples, state.tokens),
         last_step=steps,
         main_steps=main_steps,
         meta_windows=meta_windows,
@@ -436,8 +422,8 @@ def _train(
     loader = train_loader(batches, cfg.data_worker, pin_memory=accelerator.device.type == "cuda")
     cleanup.callback(close_loader, loader)
     data_wait = 0.0  # seconds the loop waited for batches in this log interval
-    pending_milestones = [m for m in milestone_words() if m > state["words"]]
-    started = time.perf_counter() - state["seconds"]
+    pending_milestones = [m for m in milestone_words() if m > state.words]
+    started = time.perf_counter() - state.seconds
     interval_start, interval_tokens = time.perf_counter(), 0
     loss_acc = torch.zeros((), device=accelerator.device)
     finite_steps = torch.zeros((), dtype=torch.long, device=accelerator.device)
@@ -451,11 +437,11 @@ def _train(
         if skipped == 0:
             return
         skipped_steps.zero_()
-        state["skipped_steps"] += skipped
+        state.skipped_steps += skipped
         last = int(last_skipped.item())
-        if state["skipped_steps"] > cfg.skip_nonfinite:
+        if state.skipped_steps > cfg.skip_nonfinite:
             raise LmpError(
-                f"non-finite loss or gradients at step {last} ({state['skipped_steps']} so far, "
+                f"non-finite loss or gradients at step {last} ({state.skipped_steps} so far, "
                 f"train.skip_nonfinite is {cfg.skip_nonfinite}); lower optim.lr, lengthen "
                 f"schedule.warmup or use precision fp32. Checkpoints saved so far are finite."
             )
@@ -479,7 +465,7 @@ def _train(
     stop.armed = True
     with TrainProgress(console, steps, step, enabled=is_main) as progress:
         while step < steps:
-            if meta_windows is not None and state["tokens"] == meta_until:
+            if meta_windows is not None and state.tokens == meta_until:
                 progress.print(f"step {step}: metadata cooldown begins, documents without their prefixes")
             step_loss = torch.zeros((), device=accelerator.device)
             for i in range(accum):
@@ -512,9 +498,9 @@ def _train(
             last_skipped = torch.where(finite, last_skipped, step + 1)
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            state["samples"] += cfg.batch_size
-            state["tokens"] += tokens_per_step
-            state["words"] = round(state["tokens"] * words_per_token)
+            state.samples += cfg.batch_size
+            state.tokens += tokens_per_step
+            state.words = round(state.tokens * words_per_token)
             interval_tokens += tokens_per_step
 
             record = None
@@ -525,9 +511,9 @@ def _train(
                 now = time.perf_counter()
                 record = {
                     "step": step,
-                    "tokens": state["tokens"],
-                    "words": state["words"],
-                    "epoch": round(windows.epoch_of(state["samples"]), 4),
+                    "tokens": state.tokens,
+                    "words": state.words,
+                    "epoch": round(windows.epoch_of(state.samples), 4),
                     "loss": mean_loss,
                     "lr": lr,
                     "tokens_per_s": interval_tokens / (now - interval_start),
@@ -541,13 +527,13 @@ def _train(
             validate = step % cfg.eval_every == 0 or step == steps
             zero_shot = evaluator is not None and (step % eval_every == 0 or step == steps)
             if validate:
-                state["val_loss"] = validation_loss(model, val_batches, accelerator, document_bos)
-                state["val_loss_step"] = step
+                state.val_loss = validation_loss(model, val_batches, accelerator, document_bos)
+                state.val_loss_step = step
                 record = {
-                    **(record or {"step": step, "tokens": state["tokens"], "words": state["words"]}),
-                    "val_loss": state["val_loss"],
+                    **(record or {"step": step, "tokens": state.tokens, "words": state.words}),
+                    "val_loss": state.val_loss,
                 }
-                message = f"step {step}: validation loss {state['val_loss']:.4f}"
+                message = f"step {step}: validation loss {state.val_loss:.4f}"
                 if val_mntp_batches:
                     record["val_mntp_loss"] = validation_loss(
                         model, val_mntp_batches, accelerator, document_bos
@@ -564,7 +550,7 @@ def _train(
             if zero_shot and is_main:
                 scores = evaluator(scored)
                 record = {
-                    **(record or {"step": step, "tokens": state["tokens"], "words": state["words"]}),
+                    **(record or {"step": step, "tokens": state.tokens, "words": state.words}),
                     **scores,
                 }
                 shown = ", ".join(f"{k.removeprefix('eval/')} {v:.1f}%" for k, v in scores.items())
@@ -578,18 +564,18 @@ def _train(
                 progress.update(step)
 
             stopped = stop_vote(stop.signum is not None)
-            crossed = [m for m in pending_milestones if m <= state["words"]]
+            crossed = [m for m in pending_milestones if m <= state.words]
             due = step % recipe.checkpoint.every == 0 or step == steps or stopped
             if due or crossed:
                 settle_skipped_steps(progress)
-                state["step"] = step
-                state["seconds"] = time.perf_counter() - started
+                state.step = step
+                state.seconds = time.perf_counter() - started
             for words in crossed:  # BabyLM milestones, named by words seen and always kept
-                save(dict(state), milestone_name(words))
-                progress.print(f"step {step}: {state['words']:,} words seen, saved {milestone_name(words)}")
+                save(state.to_dict(), milestone_name(words))
+                progress.print(f"step {step}: {state.words:,} words seen, saved {milestone_name(words)}")
             pending_milestones = pending_milestones[len(crossed) :]
             if due:
-                save(dict(state))
+                save(state.to_dict())
             if stopped:
                 progress.print(f"stopped by signal after step {step}; saved. Run the same command to resume.")
                 break
@@ -604,17 +590,24 @@ def _train(
             exported,
             tokenizer_dir,
             tmp,
-            {"kind": "final", "recipe": recipe.name, **state, "unigram_entropy": data.unigram_entropy},
+            {
+                "kind": "final",
+                "recipe": recipe.name,
+                **state.to_dict(),
+                "unigram_entropy": data.unigram_entropy,
+            },
         )
         publish(tmp, final)
         if averager is not None and averager.ready:
             with averager.applied(core):
                 tmp = run_dir / ".tmp-final-avg"
-                write_model_folder(core, tokenizer_dir, tmp, {"kind": "final-avg", **state})
+                write_model_folder(core, tokenizer_dir, tmp, {"kind": "final-avg", **state.to_dict()})
                 publish(tmp, run_dir / "final-avg")
         write_atomic(
             run_dir / SUMMARY_FILE,
-            json.dumps({**state, "unigram_entropy": data.unigram_entropy, "seconds": seconds}, indent=2)
+            json.dumps(
+                {**state.to_dict(), "unigram_entropy": data.unigram_entropy, "seconds": seconds}, indent=2
+            )
             + "\n",
         )
     sink.close()
@@ -622,9 +615,9 @@ def _train(
     return TrainResult(
         run_dir=run_dir,
         steps=step,
-        tokens=state["tokens"],
-        first_val_loss=state["first_val_loss"],
-        final_val_loss=state["val_loss"],
+        tokens=state.tokens,
+        first_val_loss=state.first_val_loss,
+        final_val_loss=state.val_loss,
         unigram_entropy=data.unigram_entropy,
         seconds=seconds,
         continued=start_from is not None,
