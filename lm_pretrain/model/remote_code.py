@@ -1,7 +1,7 @@
 """Which model folders may run their own Python.
 
 transformers runs a folder's Python files when its config.json or tokenizer_config.json maps an
-auto class to them (auto_map) and the caller passes trust_remote_code=True. Model folders are
+auto class to them (auto_map) and the caller allows remote code. Model folders are
 shared between teams, so lmp runs such code only when it is lmp's own modeling file for masked
 and hybrid models (recognised by its content, not its name) or when the user passed
 --trust-remote-code. Everything else is refused before transformers sees the folder, and lmp
