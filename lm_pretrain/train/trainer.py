@@ -225,7 +225,9 @@ def _train(
     if checkpoint is not None:
         check_same_data(start_from, checkpoint.state, data, recipe)
         if plan.changes and branch_record is None:
-            lr_jump = lr_jump_warning(plan.previous_recipe, schedule, checkpoint.state["step"], words_per_token)
+            lr_jump = lr_jump_warning(
+                plan.previous_recipe, schedule, checkpoint.state["step"], words_per_token
+            )
     ids = special_token_ids(data.tokenizer, recipe.tokenizer)
     tokenizer_dir = run_dir / "tokenizer"
     set_seed(recipe.seed)
