@@ -7,17 +7,16 @@ visible here in one loop.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
-from contextlib import ExitStack, nullcontext
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from rich.console import Console
 
 from lm_pretrain.average import WeightAverager
@@ -32,9 +31,7 @@ from lm_pretrain.data.masking import VALIDATION_SAMPLES, MntpMasker
 from lm_pretrain.data.prepare import prepare_data
 from lm_pretrain.data.tokenizer import save_hf_tokenizer, special_token_ids
 from lm_pretrain.errors import LmpError
-from lm_pretrain.milestones import milestone_name, milestone_words
 from lm_pretrain.model.decoder import Decoder, DecoderConfig
-from lm_pretrain.plot import write_run_plot
 from lm_pretrain.recipe import Recipe
 from lm_pretrain.run_folder import (
     BRANCH_FILE,
@@ -44,28 +41,32 @@ from lm_pretrain.run_folder import (
     write_atomic,
     write_status,
 )
-from lm_pretrain.track import MetricsSink, TrainProgress, truncate_metrics
+from lm_pretrain.track import MetricsSink, truncate_metrics
 from lm_pretrain.train import sharding
+from lm_pretrain.train.callbacks import Callback
+from lm_pretrain.train.callbacks.averaging import WeightAveraging
+from lm_pretrain.train.callbacks.meco import MecoCooldown
+from lm_pretrain.train.callbacks.metrics import StepMetrics
+from lm_pretrain.train.callbacks.milestones import Milestones
+from lm_pretrain.train.callbacks.nonfinite import NonFiniteSteps
+from lm_pretrain.train.callbacks.progress_plot import ProgressPlot
+from lm_pretrain.train.callbacks.zero_shot import ZeroShotEval
 from lm_pretrain.train.checkpoint import (
     load_state_file,
     load_weights,
     publish,
     read_checkpoint,
-    rng_state,
-    save_checkpoint,
     set_rng_state,
     write_model_folder,
 )
 from lm_pretrain.train.compile_check import compiled_disagreement
 from lm_pretrain.train.forward import forward_loss, make_accelerator, split_batch, validation_loss
-from lm_pretrain.train.optim import apply_update, build_optimizer
+from lm_pretrain.train.loop import SCALER_FILE, Trainer
+from lm_pretrain.train.optim import build_optimizer
 from lm_pretrain.train.schedule import Decay, make_schedule, total_steps
-from lm_pretrain.train.signals import StopFlag, StopVote
+from lm_pretrain.train.signals import StopFlag
 from lm_pretrain.train.start import Branch, check_same_data, lock_run_folder, lr_jump_warning, plan_start
 from lm_pretrain.train.state import TrainState
-
-AVERAGE_FILE = "average.pt"
-SCALER_FILE = "scaler.pt"
 
 
 @dataclass
@@ -88,8 +89,10 @@ def train(
     console: Console | None = None,
     branch: Branch | None = None,
     resume: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
     """Train `recipe` into `run_dir`, resuming from its newest checkpoint when it has one.
+    `callbacks` (train/callbacks/) run after lmp's own, e.g. to log elsewhere or add a metric.
 
     <run>/status.json says what became of the run: running, finished, stopped or failed.
     """
@@ -98,7 +101,7 @@ def train(
     try:
         # cleanup: what must end even when training raises (the data worker would outlive us)
         with StopFlag() as stop, ExitStack() as cleanup:
-            result = _train(recipe, run_dir, console, branch, resume, stop, cleanup)
+            result = _train(recipe, run_dir, console, branch, resume, stop, cleanup, callbacks)
     except KeyboardInterrupt:
         if is_main and _started_here(run_dir):
             write_status(run_dir, "stopped", signal=int(signal.SIGINT), saved=False)
@@ -156,6 +159,7 @@ def _train(
     resume: bool,
     stop: StopFlag,
     cleanup: ExitStack,
+    extra_callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
@@ -259,10 +263,11 @@ def _train(
     if fsdp:
         sharding.shard(model.to(accelerator.device))
     optimizer = build_optimizer(model, recipe.optim)
-    averager = None
+    callbacks: list[Callback] = [NonFiniteSteps(accelerator.device), StepMetrics(accelerator.device)]
     if cfg.average is not None:
         a = cfg.average
         averager = WeightAverager(model, a.kind, decay=a.decay, k=a.k, every=a.every)
+        callbacks.append(WeightAveraging(averager, a.kind))
     state = TrainState(corpus=data.corpus_fingerprint)
     if checkpoint is not None:
         if fsdp:
@@ -272,8 +277,6 @@ def _train(
         if checkpoint.rng is not None:
             set_rng_state(checkpoint.rng)
         state = TrainState.from_dict(checkpoint.state, corpus=data.corpus_fingerprint)
-        if averager is not None and (start_from / AVERAGE_FILE).is_file():
-            averager.load_state_dict(load_state_file(start_from / AVERAGE_FILE))
         if accelerator.scaler is not None and (start_from / SCALER_FILE).is_file():  # fp16 on GPU
             accelerator.scaler.load_state_dict(load_state_file(start_from / SCALER_FILE))
     if is_main:
@@ -351,7 +354,6 @@ def _train(
                     highlight=False,
                 )
     sink = MetricsSink(run_dir, recipe, enabled=is_main)
-    evaluator, eval_every = None, cfg.eval_every
     if recipe.eval is not None:
         from lm_pretrain.eval.runner import TrainingEvaluator
 
@@ -360,7 +362,7 @@ def _train(
         evaluator = TrainingEvaluator(recipe.eval, tokenizer_dir, backends)
         for note in evaluator.notes if is_main else []:
             console.print(f"note: {note}", highlight=False)
-        eval_every = recipe.eval.every or cfg.eval_every
+        callbacks.append(ZeroShotEval(evaluator, recipe.eval.every or cfg.eval_every))
     if is_main:
         n_params = core.num_parameters()
         console.print(
@@ -371,42 +373,14 @@ def _train(
             f"{accelerator.device}, {recipe.train.precision}, {world} process(es), accumulation {accum}"
         )
 
-    def extra_state() -> dict[str, Any]:
-        extra = {}
-        if averager is not None:
-            extra[AVERAGE_FILE] = averager.state_dict()
-        if accelerator.scaler is not None:
-            extra[SCALER_FILE] = accelerator.scaler.state_dict()
-        return extra
-
-    def full_model() -> Decoder | None:
-        """The model with whole weights on the main process (collective under FSDP)."""
-        return sharding.plain_copy(core, is_main) if fsdp else core
-
-    def save(step_state: dict, name: str | None = None) -> None:
-        rng_states = gather_object([rng_state()])  # every process's, in rank order
-        weights = full_model()
-        optimizer_state = sharding.full_optimizer_state(optimizer) if fsdp else optimizer.state_dict()
-        if is_main:
-            save_checkpoint(
-                run_dir,
-                weights,
-                optimizer_state,
-                tokenizer_dir,
-                step_state,
-                recipe.checkpoint.keep_last,
-                name,
-                extra_state(),
-                rng_states,
-            )
-        accelerator.wait_for_everyone()
-
     if start_from is None:
         state.first_val_loss = state.val_loss = validation_loss(model, val_batches, accelerator, document_bos)
         state.val_loss_step = 0
         sink.log({"step": 0, "tokens": 0, "words": 0, "val_loss": state.val_loss})
+    if meta_windows is not None:
+        callbacks.append(MecoCooldown(meta_until))
+    callbacks += [ProgressPlot(), Milestones(), *extra_callbacks]
 
-    step = state.step
     batches = TrainBatches(
         windows,
         micro=micro,
@@ -414,209 +388,62 @@ def _train(
         batch_size=cfg.batch_size,
         rank=accelerator.process_index,
         seq_len=seq_len,
-        start=(step, state.samples, state.tokens),
+        start=(state.step, state.samples, state.tokens),
         last_step=steps,
         main_steps=main_steps,
         meta_windows=meta_windows,
         meta_until=meta_until,
         masker=masker,
     )
+    for callback in callbacks if start_from is not None else []:
+        callback.load_checkpoint(start_from)
     loader = train_loader(batches, cfg.data_worker, pin_memory=accelerator.device.type == "cuda")
     cleanup.callback(close_loader, loader)
-    data_wait = 0.0  # seconds the loop waited for batches in this log interval
-    pending_milestones = [m for m in milestone_words() if m > state.words]
-    started = time.perf_counter() - state.seconds
-    interval_start, interval_tokens = time.perf_counter(), 0
-    loss_acc = torch.zeros((), device=accelerator.device)
-    finite_steps = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    skipped_steps = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    last_skipped = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    trainer = Trainer(
+        recipe=recipe,
+        run_dir=run_dir,
+        tokenizer_dir=tokenizer_dir,
+        accelerator=accelerator,
+        model=model,
+        core=core,
+        optimizer=optimizer,
+        schedule=schedule,
+        state=state,
+        steps=steps,
+        accum=accum,
+        batches=loader,
+        windows=windows,
+        words_per_token=words_per_token,
+        val_batches=val_batches,
+        val_mntp_batches=val_mntp_batches,
+        document_bos=document_bos,
+        sink=sink,
+        stop=stop,
+        console=console,
+        callbacks=callbacks,
+    )
+    stopped = trainer.fit()
 
-    def settle_skipped_steps(progress: TrainProgress) -> None:
-        """Account for the updates skipped since the last call (read from the device), and stop
-        the run once more than train.skip_nonfinite were."""
-        skipped = int(skipped_steps.item())
-        if skipped == 0:
-            return
-        skipped_steps.zero_()
-        state.skipped_steps += skipped
-        last = int(last_skipped.item())
-        if state.skipped_steps > cfg.skip_nonfinite:
-            raise LmpError(
-                f"non-finite loss or gradients at step {last} ({state.skipped_steps} so far, "
-                f"train.skip_nonfinite is {cfg.skip_nonfinite}); lower optim.lr, lengthen "
-                f"schedule.warmup or use precision fp32. Checkpoints saved so far are finite."
-            )
-        where = f"step {last}" if skipped == 1 else f"{skipped} steps up to step {last}"
-        progress.print(f"{where}: non-finite loss or gradients, update skipped")
-
-    def next_batch() -> tuple[torch.Tensor, ...]:
-        try:
-            return next(loader)
-        except RuntimeError as exc:
-            if "DataLoader worker" not in str(exc):
-                raise
-            raise LmpError(
-                f"the data worker process died ({exc}); the machine may be out of memory. "
-                "Run the same command to resume from the newest checkpoint"
-            ) from None
-
-    stopped = False
-    stop_vote = StopVote(world)
-    model.train()
-    stop.armed = True
-    with TrainProgress(console, steps, step, enabled=is_main) as progress:
-        while step < steps:
-            if meta_windows is not None and state.tokens == meta_until:
-                progress.print(f"step {step}: metadata cooldown begins, documents without their prefixes")
-            step_loss = torch.zeros((), device=accelerator.device)
-            for i in range(accum):
-                waited = time.perf_counter()
-                inputs, targets, *rows = (t.to(accelerator.device, non_blocking=True) for t in next_batch())
-                data_wait += time.perf_counter() - waited
-                bidirectional = rows[0] if rows else None
-                # only the last micro-batch all-reduces (FSDP: reduce-scatters) gradients
-                if fsdp:
-                    core.set_requires_gradient_sync(i == accum - 1)
-                sync = accelerator.no_sync(model) if i < accum - 1 and not fsdp else nullcontext()
-                with sync:
-                    loss = forward_loss(model, inputs, targets, document_bos, bidirectional) / accum
-                    accelerator.backward(loss)
-                step_loss += loss.detach()
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip or math.inf)
-            grad_norm = sharding.full(grad_norm)  # under FSDP a replicated DTensor
-            # the schedule is a pure function of the step: the step is all the state it has
-            lr = recipe.optim.lr * schedule(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            finite = apply_update(optimizer, accelerator, grad_norm, step_loss)
-            # the averaged weights also sample a step whose update was skipped (the same weights)
-            if averager is not None and averager.due(step + 1):
-                averager.update(core)
-            # counted on the device and read at log and checkpoint steps (settle_skipped_steps)
-            loss_acc += torch.where(finite, step_loss, 0.0)
-            finite_steps += finite
-            skipped_steps += ~finite
-            last_skipped = torch.where(finite, last_skipped, step + 1)
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            state.samples += cfg.batch_size
-            state.tokens += tokens_per_step
-            state.words = round(state.tokens * words_per_token)
-            interval_tokens += tokens_per_step
-
-            record = None
-            if step % cfg.log_every == 0 or step == steps:
-                settle_skipped_steps(progress)
-                # the loss is fetched from the device once per log interval, not every step
-                mean_loss = accelerator.reduce(loss_acc, "mean").item() / max(1, int(finite_steps.item()))
-                now = time.perf_counter()
-                record = {
-                    "step": step,
-                    "tokens": state.tokens,
-                    "words": state.words,
-                    "epoch": round(windows.epoch_of(state.samples), 4),
-                    "loss": mean_loss,
-                    "lr": lr,
-                    "tokens_per_s": interval_tokens / (now - interval_start),
-                    # share of the interval spent waiting for batches: near 0 when the worker keeps up
-                    "data_share": data_wait / (now - interval_start),
-                }
-                data_wait = 0.0
-                loss_acc.zero_()
-                finite_steps.zero_()
-                interval_start, interval_tokens = now, 0
-            validate = step % cfg.eval_every == 0 or step == steps
-            zero_shot = evaluator is not None and (step % eval_every == 0 or step == steps)
-            if validate:
-                state.val_loss = validation_loss(model, val_batches, accelerator, document_bos)
-                state.val_loss_step = step
-                record = {
-                    **(record or {"step": step, "tokens": state.tokens, "words": state.words}),
-                    "val_loss": state.val_loss,
-                }
-                message = f"step {step}: validation loss {state.val_loss:.4f}"
-                if val_mntp_batches:
-                    record["val_mntp_loss"] = validation_loss(
-                        model, val_mntp_batches, accelerator, document_bos
-                    )
-                    message += f", masked next-token {record['val_mntp_loss']:.4f}"
-                if averager is not None and averager.ready:
-                    with averager.applied(core):
-                        record["val_loss_avg"] = validation_loss(
-                            model, val_batches, accelerator, document_bos
-                        )
-                    message += f", averaged weights ({cfg.average.kind}) {record['val_loss_avg']:.4f}"
-                progress.print(message)
-            scored = full_model() if zero_shot else None
-            if zero_shot and is_main:
-                scores = evaluator(scored)
-                record = {
-                    **(record or {"step": step, "tokens": state.tokens, "words": state.words}),
-                    **scores,
-                }
-                shown = ", ".join(f"{k.removeprefix('eval/')} {v:.1f}%" for k, v in scores.items())
-                progress.print(f"step {step}: zero-shot {shown}")
-            if record is not None:
-                sink.log(record)
-                if is_main and (validate or zero_shot):
-                    write_run_plot(run_dir)  # <run>/progress.png: one file shows how the run goes
-                progress.update(step, record if "loss" in record else None)
-            else:
-                progress.update(step)
-
-            stopped = stop_vote(stop.signum is not None)
-            crossed = [m for m in pending_milestones if m <= state.words]
-            due = step % recipe.checkpoint.every == 0 or step == steps or stopped
-            if due or crossed:
-                settle_skipped_steps(progress)
-                state.step = step
-                state.seconds = time.perf_counter() - started
-            for words in crossed:  # BabyLM milestones, named by words seen and always kept
-                save(state.to_dict(), milestone_name(words))
-                progress.print(f"step {step}: {state.words:,} words seen, saved {milestone_name(words)}")
-            pending_milestones = pending_milestones[len(crossed) :]
-            if due:
-                save(state.to_dict())
-            if stopped:
-                progress.print(f"stopped by signal after step {step}; saved. Run the same command to resume.")
-                break
-    stop.armed = False
-
-    seconds = time.perf_counter() - started
-    exported = None if stopped else full_model()
+    seconds = time.perf_counter() - trainer.started
+    exported = None if stopped else trainer.full_model()
     if is_main and not stopped:
-        final = run_dir / "final"
         tmp = run_dir / ".tmp-final"
-        write_model_folder(
-            exported,
-            tokenizer_dir,
-            tmp,
-            {
-                "kind": "final",
-                "recipe": recipe.name,
-                **state.to_dict(),
-                "unigram_entropy": data.unigram_entropy,
-            },
-        )
-        publish(tmp, final)
-        if averager is not None and averager.ready:
-            with averager.applied(core):
-                tmp = run_dir / ".tmp-final-avg"
-                write_model_folder(core, tokenizer_dir, tmp, {"kind": "final-avg", **state.to_dict()})
-                publish(tmp, run_dir / "final-avg")
-        write_atomic(
-            run_dir / SUMMARY_FILE,
-            json.dumps(
-                {**state.to_dict(), "unigram_entropy": data.unigram_entropy, "seconds": seconds}, indent=2
-            )
-            + "\n",
-        )
+        provenance = {
+            "kind": "final",
+            "recipe": recipe.name,
+            **state.to_dict(),
+            "unigram_entropy": data.unigram_entropy,
+        }
+        write_model_folder(exported, tokenizer_dir, tmp, provenance)
+        publish(tmp, run_dir / "final")
+        trainer.emit("on_export")
+        summary = {**state.to_dict(), "unigram_entropy": data.unigram_entropy, "seconds": seconds}
+        write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     sink.close()
     accelerator.wait_for_everyone()
     return TrainResult(
         run_dir=run_dir,
-        steps=step,
+        steps=state.step,
         tokens=state.tokens,
         first_val_loss=state.first_val_loss,
         final_val_loss=state.val_loss,
