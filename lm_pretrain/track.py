@@ -6,7 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.progress import (
@@ -39,62 +39,95 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-class MetricsSink:
-    """Appends one JSON object per logged step to <run>/metrics.jsonl; mirrors to wandb/TensorBoard."""
+class Tracker(Protocol):
+    """Where logged records go: one per backend (metrics.jsonl, wandb, TensorBoard)."""
 
-    def __init__(self, run_dir: Path, recipe: Recipe, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.path = run_dir / METRICS_FILE
-        self._file = open(self.path, "a") if enabled else None  # noqa: SIM115 - closed in close()
-        self._wandb: Any = None
-        self._tb: Any = None
-        if not enabled:
-            return
-        if recipe.tracking.wandb != "off":
-            import wandb
+    def log(self, record: dict[str, Any]) -> None: ...
 
-            self._wandb = wandb.init(
-                project=recipe.tracking.wandb_project,
-                name=recipe.name,
-                dir=str(run_dir),
-                mode=recipe.tracking.wandb,  # "offline" unless the user opted into "online"
-                config=recipe.model_dump(mode="json"),
-                resume="allow",
-            )
-        if recipe.tracking.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                from lm_pretrain.errors import LmpError
+    def close(self) -> None: ...
 
-                raise LmpError(
-                    "tracking.tensorboard is true but tensorboard is not installed: "
-                    "pip install 'lm-pretrain[tensorboard]' or set tracking.tensorboard=false"
-                ) from exc
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+def _numbers(record: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+
+
+class JsonlTracker:
+    """<run>/metrics.jsonl: one JSON object per logged step, flushed at once (lmp runs/plot read it)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self._file = open(run_dir / METRICS_FILE, "a")  # noqa: SIM115 - closed in close()
 
     def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        record = {**record, "time": round(time.time(), 3)}
-        assert self._file is not None
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        step = record["step"]
-        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-        if self._wandb is not None:
-            self._wandb.log(numbers, step=step)
-        if self._tb is not None:
-            for key, value in numbers.items():
-                self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-        if self._tb is not None:
-            self._tb.close()
+        self._file.close()
+
+
+class WandbTracker:
+    def __init__(self, run_dir: Path, recipe: Recipe) -> None:
+        import wandb
+
+        self._run = wandb.init(
+            project=recipe.tracking.wandb_project,
+            name=recipe.name,
+            dir=str(run_dir),
+            mode=recipe.tracking.wandb,  # "offline" unless the user opted into "online"
+            config=recipe.model_dump(mode="json"),
+            resume="allow",
+        )
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._run.log(_numbers(record), step=record["step"])
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class TensorBoardTracker:
+    def __init__(self, run_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            from lm_pretrain.errors import LmpError
+
+            raise LmpError(
+                "tracking.tensorboard is true but tensorboard is not installed: "
+                "pip install 'lm-pretrain[tensorboard]' or set tracking.tensorboard=false"
+            ) from exc
+        self._writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        for key, value in _numbers(record).items():
+            self._writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class MetricsSink:
+    """Every logged record, time-stamped, to the recipe's trackers: metrics.jsonl always, wandb
+    and TensorBoard when tracking asks. Disabled on all but the main process."""
+
+    def __init__(self, run_dir: Path, recipe: Recipe, enabled: bool = True) -> None:
+        self.trackers: list[Tracker] = []
+        if not enabled:
+            return
+        self.trackers.append(JsonlTracker(run_dir))
+        if recipe.tracking.wandb != "off":
+            self.trackers.append(WandbTracker(run_dir, recipe))
+        if recipe.tracking.tensorboard:
+            self.trackers.append(TensorBoardTracker(run_dir))
+
+    def log(self, record: dict[str, Any]) -> None:
+        record = {**record, "time": round(time.time(), 3)}
+        for tracker in self.trackers:
+            tracker.log(record)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
 
 
 class TrainProgress:
