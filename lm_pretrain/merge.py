@@ -300,7 +300,7 @@ class RunScorer:
         from lm_pretrain.data.loader import validation_batches
         from lm_pretrain.data.prepare import prepare_data
         from lm_pretrain.recipe import load_recipe
-        from lm_pretrain.train.forward import make_accelerator
+        from lm_pretrain.train.forward import make_accelerator, packing_bos
 
         recipe_path = run_dir / RECIPE_FILE
         if not recipe_path.is_file():
@@ -320,11 +320,13 @@ class RunScorer:
             data.special_ids["bos"],
         )
         self.accelerator = make_accelerator(self.recipe.train.precision)
+        self.document_bos = packing_bos(self.recipe, data.special_ids["bos"])
 
     def __call__(self, model: torch.nn.Module) -> float:
         from lm_pretrain.train.forward import validation_loss
 
-        return validation_loss(model.to(self.accelerator.device), self.batches, self.accelerator)
+        model = model.to(self.accelerator.device)
+        return validation_loss(model, self.batches, self.accelerator, self.document_bos)
 
 
 def _find_run(inputs: list[MergeInput], run: Path | None) -> Path | None:

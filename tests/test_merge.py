@@ -453,3 +453,22 @@ def test_last_k_mean_and_resume():
         assert torch.equal(clone.averaged()[name], tensor)
     with pytest.raises(LmpError, match="ema"):
         WeightAverager(model, "ema").load_state_dict(averager.state_dict())
+
+
+@pytest.mark.slow
+def test_run_scorer_scores_packed_documents_as_the_trainer_does(bible_corpus, tmp_path):
+    from conftest import tiny_run_args
+    from lm_pretrain.merge import _decoder_for, _fp32_weights, _load_fp32, read_input
+
+    run = tmp_path / "run"
+    extra = {"data.packing": "document", "train.eval_every": 4, "checkpoint.every": 4}
+    args = tiny_run_args(bible_corpus, tmp_path / "cache", 4, **extra)
+    result = CliRunner().invoke(app, ["train", *args, "--out", str(run)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = next(r["val_loss"] for r in logged if r["step"] == 4 and "val_loss" in r)
+    item = read_input(run / "checkpoints" / "step-4")
+    model = _decoder_for([item])
+    _load_fp32(model, _fp32_weights(item))
+    # documents kept apart by their BOS, as in training; across boundaries the loss differs
+    assert abs(RunScorer(run)(model) - trained) < 1e-4

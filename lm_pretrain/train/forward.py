@@ -17,7 +17,7 @@ from lm_pretrain.data.loader import (
 from lm_pretrain.data.masking import objective_weights
 from lm_pretrain.errors import LmpError
 from lm_pretrain.model.decoder import use_varlen_attention
-from lm_pretrain.recipe import TrainConfig
+from lm_pretrain.recipe import Recipe, TrainConfig
 
 
 def make_accelerator(precision: str) -> Accelerator:
@@ -31,6 +31,11 @@ def make_accelerator(precision: str) -> Accelerator:
     # a test, a merge that scores checkpoints) may ask for another. The process group is kept.
     AcceleratorState._reset_state()
     return Accelerator(cpu=not on_gpu, mixed_precision=mixed)
+
+
+def packing_bos(recipe: Recipe, bos_token_id: int | None) -> int | None:
+    """The BOS id that keeps packed documents apart (data.packing: document), else None."""
+    return bos_token_id if recipe.data.packing == "document" else None
 
 
 def forward_loss(

@@ -60,7 +60,13 @@ from lm_pretrain.train.checkpoint import (
     write_model_folder,
 )
 from lm_pretrain.train.compile_check import compiled_disagreement
-from lm_pretrain.train.forward import forward_loss, make_accelerator, split_batch, validation_loss
+from lm_pretrain.train.forward import (
+    forward_loss,
+    make_accelerator,
+    packing_bos,
+    split_batch,
+    validation_loss,
+)
 from lm_pretrain.train.loop import SCALER_FILE, Trainer
 from lm_pretrain.train.optim import build_optimizer
 from lm_pretrain.train.schedule import Decay, make_schedule, total_steps
@@ -310,7 +316,7 @@ def _train(
             meta.tokens, seq_len, recipe.seed, ids["bos"], meta.doc_offsets, meta.prefix_lengths
         )
         meta_until = round((1 - recipe.data.metadata.cooldown_fraction) * steps) * tokens_per_step
-    document_bos = ids["bos"] if recipe.data.packing == "document" else None
+    document_bos = packing_bos(recipe, ids["bos"])
     if data.val.n_docs == 0:
         raise LmpError(
             f"no document could be held out for validation: the corpus has {data.train.n_docs} "
