@@ -18,6 +18,7 @@ import yaml
 from rich.table import Table
 
 from lm_pretrain.errors import LmpError
+from lm_pretrain.recipe import validate_recipe
 from lm_pretrain.run_folder import (
     BRANCH_FILE,
     METRICS_FILE,
@@ -26,6 +27,7 @@ from lm_pretrain.run_folder import (
     SUMMARY_FILE,
     read_json,
 )
+from lm_pretrain.train.schedule import total_steps
 
 # folders inside a run that never hold runs themselves; skipped when searching for runs
 _NOT_RUNS = {"checkpoints", "final", "tokenizer", "wandb", "tensorboard", ".tmp-final"}
@@ -290,21 +292,20 @@ def run_parameters(run: Run) -> int | None:
 
 
 def planned_steps(run: Run) -> int | None:
-    """The step the run is meant to end at: a branch's decay end, else the recipe's length."""
-    train = run.recipe.get("train") or {}
+    """The step the run is meant to end at: a branch's decay end, else the recipe's length as the
+    trainer computes it (a words-seen bound at the words per token logged so far)."""
     branch = run.branch or {}
+    if branch.get("decay_steps") and branch.get("parent_step") is not None:
+        return int(branch["parent_step"]) + int(branch["decay_steps"])
     try:
-        if branch.get("decay_steps") and branch.get("parent_step") is not None:
-            return int(branch["parent_step"]) + int(branch["decay_steps"])
-        if train.get("max_steps"):
-            return int(train["max_steps"])
-        if train.get("max_tokens"):
-            model = run.recipe.get("model") or {}
-            seq_len = int(train.get("seq_len") or model["max_seq_len"])
-            return math.ceil(int(train["max_tokens"]) / (int(train["batch_size"]) * seq_len))
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        recipe = validate_recipe(run.recipe, str(run.path / RECIPE_FILE))
+    except LmpError:  # an older or damaged recipe: no length to show
         return None
-    return None
+    words, tokens = run.last("words"), run.last("tokens")
+    try:
+        return total_steps(recipe, words / tokens if words and tokens else None)
+    except ValueError:  # a words-seen bound before any words were counted
+        return None
 
 
 def best_val_loss(run: Run) -> tuple[float, int] | None:

@@ -225,3 +225,19 @@ def test_write_run_plot_never_raises(runs_dir, tmp_path):
     assert not write_run_plot(odd).exists()
     assert not write_run_plot(tmp_path / "missing").exists()
     assert run_row(load_run(odd))["state"] == "unknown"
+
+
+def test_planned_steps_follow_the_trainer_also_for_a_words_seen_bound(tmp_path):
+    import yaml
+
+    from conftest import ROOT
+    from lm_pretrain.recipe import load_recipe
+    from lm_pretrain.runs import Run, planned_steps
+    from lm_pretrain.train.schedule import total_steps
+
+    recipe = load_recipe(ROOT / "recipes/demo.yaml", ["train.max_steps=null", "train.max_words_seen=1000000"])
+    raw = yaml.safe_load(recipe.to_yaml())
+    # 16 x 256 tokens a step at 0.8 words per token: the trainer's ceil(1e6 / 3276.8) = 306 steps
+    run = Run(path=tmp_path, recipe=raw, records=[{"step": 10, "tokens": 40960, "words": 32768}])
+    assert planned_steps(run) == total_steps(recipe, 0.8) == 306
+    assert planned_steps(Run(path=tmp_path, recipe=raw)) is None  # no words counted yet
