@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import math
 import re
 import stat
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lm_pretrain.errors import LmpError
+from lm_pretrain.jsonl import json_objects
 from lm_pretrain.recipe import DataConfig
 
 ACCEPTED = "a BabyLM folder of <source>.train files, a folder of text files, a .jsonl file, or builtin:demo"
@@ -229,17 +229,7 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
 def _read_jsonl(path: Path, cfg: DataConfig) -> list[Document]:
     default_source = _source_name(path)
     docs = []
-    for lineno, line in _jsonl_lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LmpError(
-                f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one object"
-            ) from None
-        if not isinstance(obj, dict):
-            raise LmpError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    for lineno, obj in json_objects(_jsonl_lines(path), path, "each line must be one object"):
         if cfg.text_field not in obj:
             raise LmpError(
                 f"{path}:{lineno}: no text field {cfg.text_field!r} "

@@ -20,11 +20,10 @@ import numpy as np
 import torch
 
 from lm_pretrain.errors import LmpError
+from lm_pretrain.model.decoder import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from lm_pretrain.data.masking import MntpMasker
-
-IGNORE_INDEX = -100
 
 
 class PackedWindows:

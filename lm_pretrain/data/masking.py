@@ -14,9 +14,9 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from lm_pretrain.model.decoder import IGNORE_INDEX
 from lm_pretrain.recipe import HybridConfig
 
-IGNORE_INDEX = -100
 # keeps the masking random streams apart from the window-order streams, which are seeded [seed, epoch]
 _STREAM = 0x6D6E7470
 # validation rows are masked as samples numbered from here, far beyond any training sample

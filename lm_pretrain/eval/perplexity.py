@@ -15,9 +15,8 @@ import torch
 
 from lm_pretrain.errors import LmpError
 from lm_pretrain.eval.scoring import ScoringModel
+from lm_pretrain.model.decoder import IGNORE_INDEX
 from lm_pretrain.run_folder import RECIPE_FILE
-
-IGNORE_INDEX = -100
 
 
 def run_folder_of(model_path: Path) -> Path | None:

@@ -12,13 +12,13 @@ Layout (official repository, evaluation_data/):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from lm_pretrain.errors import LmpError
+from lm_pretrain.jsonl import json_objects
 
 DATA_TASKS = ("blimp", "blimp_supplement", "ewok", "entity_tracking")
 
@@ -51,24 +51,13 @@ def with_prefix(item: Item, prefix: str) -> Item:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file; a malformed line is an LmpError naming file and line."""
-    rows = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise LmpError(f"cannot read task file {path}: {exc}") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LmpError(
-                f"{path}:{number}: not valid JSON ({exc.msg}); re-download the evaluation data"
-            ) from None
-        if not isinstance(row, dict):
-            raise LmpError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    return [
+        row for _, row in json_objects(enumerate(lines, start=1), path, "re-download the evaluation data")
+    ]
 
 
 def _need(row: dict[str, Any], keys: tuple[str, ...], path: Path, number: int) -> None:
