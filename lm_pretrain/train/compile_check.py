@@ -13,6 +13,10 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+from accelerate import Accelerator
+from rich.console import Console
+
+from lm_pretrain.train.forward import forward_loss
 
 # bf16 rounding moves the loss by about 1e-5 and the gradient norm by about 1e-3 between eager
 # and compiled; a miscompilation gives NaN/inf or errors of order one
@@ -57,3 +61,39 @@ def compiled_disagreement(
     if not math.isfinite(norm) or abs(norm - eager_norm) > TOLERANCE * eager_norm:
         return f"gradient norm {norm:.4g} compiled, {eager_norm:.4g} eager (loss {loss:.4g} both)"
     return None
+
+
+def compiled_or_eager(
+    compiled: torch.nn.Module,
+    eager: torch.nn.Module,
+    core: torch.nn.Module,
+    batch: tuple[torch.Tensor, ...],
+    accelerator: Accelerator,
+    document_bos: int | None,
+    fsdp: bool,
+    console: Console,
+) -> torch.nn.Module:
+    """The model to train: `compiled` when it agrees with the eager `core` on `batch`, else
+    `eager` (DDP-wrapped, not compiled), with a warning; every process decides alike."""
+    inputs, targets, *rows = (t.to(accelerator.device) for t in batch)
+    problem = compiled_disagreement(
+        compiled,
+        core,
+        lambda m: forward_loss(m, inputs, targets, document_bos, rows[0] if rows else None),
+        accelerator.autocast,
+        lambda: accelerator.no_sync(compiled),
+        backward=not fsdp,
+    )
+    # every process trains the same way, whichever of them saw the problem
+    flagged = torch.tensor(float(problem is not None), device=accelerator.device)
+    if accelerator.reduce(flagged, "sum").item() == 0:
+        return compiled
+    if accelerator.is_main_process:
+        seen = f"{problem} on a validation batch" if problem else "seen by another process"
+        console.print(
+            f"warning: torch.compile miscomputes this model on this machine ({seen}): "
+            "training without compile. Set train.compile=false to skip the check.",
+            style="yellow",
+            highlight=False,
+        )
+    return eager

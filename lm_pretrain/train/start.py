@@ -28,7 +28,7 @@ from lm_pretrain.run_folder import (
     read_json,
 )
 from lm_pretrain.train.checkpoint import STATE_FILE, step_checkpoints
-from lm_pretrain.train.schedule import Schedule, make_schedule, total_steps
+from lm_pretrain.train.schedule import Decay, Schedule, make_schedule, total_steps
 
 # recipe fields a resumed run may change: how long it trains, what it reports, how it runs here.
 # Everything else (data, tokenizer, model, objective, optimizer, schedule, batch) must match.
@@ -259,3 +259,51 @@ def plan_start(recipe: Recipe, run_dir: Path, branch: Branch | None, resume: boo
         )
 
     return StartPlan(checkpoint, branch_record, changes, previous, parent_recipe)
+
+
+def run_length(recipe: Recipe, plan: StartPlan, words_per_token: float) -> tuple[int, int, Schedule]:
+    """(the step this run ends at, the main run's length, the LR schedule). A decay branch ends
+    its decay steps after the branch point and decays from the LR its parent had there (recorded
+    in the branch record when the branch starts); a fork follows the recipe's own schedule."""
+    branch_record, tokens_per_step = plan.branch_record, recipe.train.batch_size * recipe.seq_len
+    main_steps = total_steps(recipe, words_per_token)
+    steps = main_steps
+    decay = None
+    if branch_record is not None and branch_record["decay_steps"] is not None:
+        start = branch_record["parent_step"]
+        steps = start + branch_record["decay_steps"]
+        if "start_lr_ratio" not in branch_record:
+            # the LR the parent's own schedule has at the branch point, fixed when the branch starts
+            parent = make_schedule(
+                plan.parent_recipe.schedule, total_steps(plan.parent_recipe, words_per_token), tokens_per_step
+            )
+            branch_record["start_lr_ratio"] = parent(start)
+            decay_start = parent.total - parent.decay
+            if parent.decay and start > decay_start:
+                ratio = branch_record["start_lr_ratio"]
+                where = (
+                    f"at the end of its run's decay (LR {ratio:.3g} of the peak)"
+                    if ratio <= plan.parent_recipe.schedule.min_lr_ratio + 1e-6
+                    else f"inside its run's decay, which began at step {decay_start} (LR {ratio:.3g} of the peak)"
+                )
+                raise LmpError(
+                    f"--branch-from {branch_record['checkpoint']} is {where}: a decay branch would decay "
+                    f"from there. Branch from a checkpoint before step {decay_start}, or from a main run "
+                    "trained without a final decay (--set schedule.decay=0 --out runs/<main>)"
+                )
+        decay = Decay(
+            start,
+            branch_record["decay_steps"],
+            branch_record["start_lr_ratio"],
+            recipe.schedule.min_lr_ratio,
+            recipe.schedule.decay_shape,
+        )
+    if branch_record is not None and decay is None and steps <= branch_record["parent_step"]:
+        raise LmpError(
+            f"this fork continues the schedule from step {branch_record['parent_step']}, but the recipe "
+            f"trains {steps} steps in all, so it would train nothing; raise train.max_steps (or "
+            "max_tokens / max_words_seen) above that with --set, or give --decay-steps / "
+            "--decay-fraction for a decay branch"
+        )
+    schedule = make_schedule(recipe.schedule, main_steps, tokens_per_step, decay)
+    return steps, main_steps, schedule

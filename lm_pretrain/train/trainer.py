@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
 
@@ -28,7 +29,7 @@ from lm_pretrain.data.loader import (
     validation_batches,
 )
 from lm_pretrain.data.masking import VALIDATION_SAMPLES, MntpMasker
-from lm_pretrain.data.prepare import prepare_data
+from lm_pretrain.data.prepare import PreparedData, prepare_data
 from lm_pretrain.data.tokenizer import save_hf_tokenizer, special_token_ids
 from lm_pretrain.errors import LmpError
 from lm_pretrain.model.decoder import Decoder, DecoderConfig
@@ -52,6 +53,7 @@ from lm_pretrain.train.callbacks.nonfinite import NonFiniteSteps
 from lm_pretrain.train.callbacks.progress_plot import ProgressPlot
 from lm_pretrain.train.callbacks.zero_shot import ZeroShotEval
 from lm_pretrain.train.checkpoint import (
+    Checkpoint,
     load_state_file,
     load_weights,
     publish,
@@ -59,9 +61,8 @@ from lm_pretrain.train.checkpoint import (
     set_rng_state,
     write_model_folder,
 )
-from lm_pretrain.train.compile_check import compiled_disagreement
+from lm_pretrain.train.compile_check import compiled_or_eager
 from lm_pretrain.train.forward import (
-    forward_loss,
     make_accelerator,
     packing_bos,
     split_batch,
@@ -69,9 +70,17 @@ from lm_pretrain.train.forward import (
 )
 from lm_pretrain.train.loop import SCALER_FILE, Trainer
 from lm_pretrain.train.optim import build_optimizer
-from lm_pretrain.train.schedule import Decay, make_schedule, total_steps
+from lm_pretrain.train.schedule import Schedule
 from lm_pretrain.train.signals import StopFlag
-from lm_pretrain.train.start import Branch, check_same_data, lock_run_folder, lr_jump_warning, plan_start
+from lm_pretrain.train.start import (
+    Branch,
+    StartPlan,
+    check_same_data,
+    lock_run_folder,
+    lr_jump_warning,
+    plan_start,
+    run_length,
+)
 from lm_pretrain.train.state import TrainState
 
 
@@ -175,7 +184,6 @@ def _train(
     cfg = recipe.train
     micro, accum = split_batch(cfg, world, f"{world} processes")
     seq_len = recipe.seq_len
-    tokens_per_step = cfg.batch_size * seq_len
 
     plan = plan_start(recipe, run_dir, branch, resume)
     start_from, branch_record = plan.checkpoint, plan.branch_record
@@ -185,114 +193,34 @@ def _train(
         data = prepare_data(recipe, console=console if report else None, show_progress=report)
     # words seen are counted at the corpus's average: windows are uniform samples of the stream
     words_per_token = sum(data.word_counts["train"].values()) / data.train.n_tokens
-    main_steps = total_steps(recipe, words_per_token)
-    steps = main_steps
-    decay = None
-    if branch_record is not None and branch_record["decay_steps"] is not None:
-        start = branch_record["parent_step"]
-        steps = start + branch_record["decay_steps"]
-        if "start_lr_ratio" not in branch_record:
-            # the LR the parent's own schedule has at the branch point, fixed when the branch starts
-            parent = make_schedule(
-                plan.parent_recipe.schedule, total_steps(plan.parent_recipe, words_per_token), tokens_per_step
-            )
-            branch_record["start_lr_ratio"] = parent(start)
-            decay_start = parent.total - parent.decay
-            if parent.decay and start > decay_start:
-                ratio = branch_record["start_lr_ratio"]
-                where = (
-                    f"at the end of its run's decay (LR {ratio:.3g} of the peak)"
-                    if ratio <= plan.parent_recipe.schedule.min_lr_ratio + 1e-6
-                    else f"inside its run's decay, which began at step {decay_start} (LR {ratio:.3g} of the peak)"
-                )
-                raise LmpError(
-                    f"--branch-from {branch_record['checkpoint']} is {where}: a decay branch would decay "
-                    f"from there. Branch from a checkpoint before step {decay_start}, or from a main run "
-                    "trained without a final decay (--set schedule.decay=0 --out runs/<main>)"
-                )
-        decay = Decay(
-            start,
-            branch_record["decay_steps"],
-            branch_record["start_lr_ratio"],
-            recipe.schedule.min_lr_ratio,
-            recipe.schedule.decay_shape,
-        )
-    if branch_record is not None and decay is None and steps <= branch_record["parent_step"]:
-        raise LmpError(
-            f"this fork continues the schedule from step {branch_record['parent_step']}, but the recipe "
-            f"trains {steps} steps in all, so it would train nothing; raise train.max_steps (or "
-            "max_tokens / max_words_seen) above that with --set, or give --decay-steps / "
-            "--decay-fraction for a decay branch"
-        )
-    schedule = make_schedule(recipe.schedule, main_steps, tokens_per_step, decay)
+    steps, main_steps, schedule = run_length(recipe, plan, words_per_token)
     finished = _finished_result(run_dir, start_from, steps)
     if finished is not None:
         return finished
 
     # read and loaded before the run is marked running: a damaged checkpoint is refused untouched
     checkpoint = read_checkpoint(start_from, accelerator.process_index) if start_from is not None else None
-    lr_jump = None
     if checkpoint is not None:
         check_same_data(start_from, checkpoint.state, data, recipe)
-        if plan.changes and branch_record is None:
-            lr_jump = lr_jump_warning(
-                plan.previous_recipe, schedule, checkpoint.state["step"], words_per_token
-            )
     ids = special_token_ids(data.tokenizer, recipe.tokenizer)
     tokenizer_dir = run_dir / "tokenizer"
     set_seed(recipe.seed)
-    model = Decoder(
-        DecoderConfig.from_recipe(
-            recipe.model,
-            vocab_size=data.tokenizer.get_vocab_size(),
-            bos_token_id=ids["bos"],
-            eos_token_id=ids["eos"],
-            pad_token_id=ids["pad"],
-            objective=recipe.objective,
-        )
-    )
-    model.activation_checkpointing = cfg.activation_checkpointing
+    model = _build_model(recipe, data, ids)
     fsdp = cfg.distributed == "fsdp"
     if checkpoint is not None:
         load_weights(model, checkpoint, start_from)
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock_run_folder(run_dir, cleanup)
-        # status.json first: it is what marks a folder as lmp's own (see _is_run_folder)
-        write_status(run_dir, "running")
-        write_atomic(run_dir / RECIPE_FILE, recipe.to_yaml())
-        if branch_record is not None:
-            write_atomic(run_dir / BRANCH_FILE, json.dumps(branch_record, indent=2) + "\n")
-        tokenizer_dir.mkdir(exist_ok=True)
-        save_hf_tokenizer(data.tokenizer, tokenizer_dir, recipe.tokenizer, recipe.model.max_seq_len)
+        _open_run_folder(run_dir, recipe, branch_record, data, tokenizer_dir, cleanup)
     accelerator.wait_for_everyone()
     if fsdp:
         sharding.shard(model.to(accelerator.device))
     optimizer = build_optimizer(model, recipe.optim)
-    callbacks: list[Callback] = [NonFiniteSteps(accelerator.device), StepMetrics(accelerator.device)]
-    if cfg.average is not None:
-        a = cfg.average
-        averager = WeightAverager(model, a.kind, decay=a.decay, k=a.k, every=a.every)
-        callbacks.append(WeightAveraging(averager, a.kind))
     state = TrainState(corpus=data.corpus_fingerprint)
     if checkpoint is not None:
-        if fsdp:
-            sharding.load_full_optimizer_state(optimizer, checkpoint.optimizer_state)
-        else:
-            optimizer.load_state_dict(checkpoint.optimizer_state)
-        if checkpoint.rng is not None:
-            set_rng_state(checkpoint.rng)
-        state = TrainState.from_dict(checkpoint.state, corpus=data.corpus_fingerprint)
-        if accelerator.scaler is not None and (start_from / SCALER_FILE).is_file():  # fp16 on GPU
-            accelerator.scaler.load_state_dict(load_state_file(start_from / SCALER_FILE))
+        state = _restore(checkpoint, start_from, optimizer, accelerator, fsdp, data.corpus_fingerprint)
     if is_main:
         if start_from is not None:
-            verb = "resuming" if branch is None else "branching"
-            console.print(f"{verb} from {start_from} (step {state.step})")
-            for key, before, now in plan.changes:
-                console.print(f"  changed {key}: {before!r} -> {now!r}", highlight=False)
-            if lr_jump:
-                console.print(lr_jump, style="yellow", highlight=False)
+            _say_where_it_starts(console, plan, branch, schedule, state.step, words_per_token)
         # drop whatever a killed earlier attempt logged after the state we start from
         truncate_metrics(run_dir, state.step if start_from is not None else -1)
     # the plain Decoder, sharing its parameters with the DDP / compiled wrappers: what is saved,
@@ -306,155 +234,259 @@ def _train(
     if cfg.compile:
         model = torch.compile(model)
 
-    windows = PackedWindows(data.train.tokens, seq_len, recipe.seed, ids["bos"])
-    # MeCo: windows of the metadata-prefixed documents until the cooldown, then plain ones. The
-    # switch is read off the global token count, so a resumed run switches at the same step.
-    meta_windows, meta_until = None, 0
-    if data.train_meta is not None:
-        meta = data.train_meta
-        meta_windows = PackedWindows(
-            meta.tokens, seq_len, recipe.seed, ids["bos"], meta.doc_offsets, meta.prefix_lengths
-        )
-        meta_until = round((1 - recipe.data.metadata.cooldown_fraction) * steps) * tokens_per_step
+    windows, meta_windows, meta_until = _train_windows(recipe, data, ids["bos"], steps)
     document_bos = packing_bos(recipe, ids["bos"])
+    val_batches, masker, val_mntp_batches = _validation_sets(recipe, data, ids, micro)
+    if cfg.compile:
+        # the batch the training graph sees: masked next-token rows for the hybrid objectives
+        batch = (val_mntp_batches or val_batches)[0]
+        model = compiled_or_eager(model, eager_model, core, batch, accelerator, document_bos, fsdp, console)
+    sink = MetricsSink(run_dir, recipe, enabled=is_main)
+    meco_cooldown = meta_until if meta_windows is not None else None
+    callbacks = _callbacks(
+        recipe,
+        core,
+        accelerator.device,
+        tokenizer_dir,
+        masker is not None,
+        meco_cooldown,
+        console if is_main else None,
+    )
+    callbacks += extra_callbacks
+    if is_main:
+        console.print(_run_line(recipe, core, steps, words_per_token, windows, accelerator, accum))
+
+    if start_from is None:
+        state.first_val_loss = state.val_loss = validation_loss(model, val_batches, accelerator, document_bos)
+        state.val_loss_step = 0
+        sink.log({"step": 0, "tokens": 0, "words": 0, "val_loss": state.val_loss})
+
+    for callback in callbacks if start_from is not None else []:
+        callback.load_checkpoint(start_from)
+    batches = TrainBatches(
+        windows, micro=micro, accum=accum, batch_size=cfg.batch_size, rank=accelerator.process_index,
+        seq_len=seq_len, start=(state.step, state.samples, state.tokens), last_step=steps,
+        main_steps=main_steps, meta_windows=meta_windows, meta_until=meta_until, masker=masker,
+    )  # fmt: skip
+    loader = train_loader(batches, cfg.data_worker, pin_memory=accelerator.device.type == "cuda")
+    cleanup.callback(close_loader, loader)
+    trainer = Trainer(
+        recipe=recipe, run_dir=run_dir, tokenizer_dir=tokenizer_dir, accelerator=accelerator,
+        model=model, core=core, optimizer=optimizer, schedule=schedule, state=state, steps=steps,
+        accum=accum, batches=loader, windows=windows, words_per_token=words_per_token,
+        val_batches=val_batches, val_mntp_batches=val_mntp_batches, document_bos=document_bos,
+        sink=sink, stop=stop, console=console, callbacks=callbacks,
+    )  # fmt: skip
+    return _run(trainer, data.unigram_entropy, continued=start_from is not None)
+
+
+def _open_run_folder(
+    run_dir: Path,
+    recipe: Recipe,
+    branch_record: dict | None,
+    data: PreparedData,
+    tokenizer_dir: Path,
+    cleanup: ExitStack,
+) -> None:
+    """Lock the run folder, mark the run running and write what it was started with."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_folder(run_dir, cleanup)
+    # status.json first: it is what marks a folder as lmp's own (run_folder.is_run_folder)
+    write_status(run_dir, "running")
+    write_atomic(run_dir / RECIPE_FILE, recipe.to_yaml())
+    if branch_record is not None:
+        write_atomic(run_dir / BRANCH_FILE, json.dumps(branch_record, indent=2) + "\n")
+    tokenizer_dir.mkdir(exist_ok=True)
+    save_hf_tokenizer(data.tokenizer, tokenizer_dir, recipe.tokenizer, recipe.model.max_seq_len)
+
+
+def _validation_sets(
+    recipe: Recipe, data: PreparedData, ids: dict[str, int], micro: int
+) -> tuple[list, MntpMasker | None, list]:
+    """The fixed validation windows, the masker of a masked or hybrid objective, and the masked
+    validation batches: every row masked at the final rate, the same draw every time."""
     if data.val.n_docs == 0:
         raise LmpError(
             f"no document could be held out for validation: the corpus has {data.train.n_docs} "
             "document(s). Lower data.lines_per_document (or separate documents by blank lines) so "
             "it splits into more"
         )
-    val_batches = validation_batches(data.val.tokens, seq_len, cfg.eval_tokens, micro, ids["bos"])
-    masker, val_mntp_batches = None, []
-    if recipe.objective != "causal":
-        masker = MntpMasker(
-            recipe.hybrid, recipe.objective, recipe.seed, ids.values(), ids["mask"], core.config.vocab_size
-        )
-        # the masked validation loss: every row masked at the final rate, the same draw every time
-        for b, (inputs, targets) in enumerate(val_batches):
-            rows = torch.ones(len(inputs), dtype=torch.bool)
-            first = VALIDATION_SAMPLES + b * micro
-            samples = range(first, first + len(inputs))
-            masked = masker.mask_rows(inputs, targets, rows, samples, recipe.hybrid.mask_rate_end)
-            val_mntp_batches.append((*masked, rows))
-    if cfg.compile:
-        # the batch the training graph sees: masked next-token rows for the hybrid objectives
-        inputs, targets, *rows = (t.to(accelerator.device) for t in (val_mntp_batches or val_batches)[0])
-        problem = compiled_disagreement(
-            model,
-            core,
-            lambda m: forward_loss(m, inputs, targets, document_bos, rows[0] if rows else None),
-            accelerator.autocast,
-            lambda: accelerator.no_sync(model),
-            backward=not fsdp,
-        )
-        # every process trains the same way, whichever of them saw the problem
-        flagged = torch.tensor(float(problem is not None), device=accelerator.device)
-        if accelerator.reduce(flagged, "sum").item() > 0:
-            model = eager_model
-            if is_main:
-                seen = f"{problem} on a validation batch" if problem else "seen by another process"
-                console.print(
-                    f"warning: torch.compile miscomputes this model on this machine ({seen}): "
-                    "training without compile. Set train.compile=false to skip the check.",
-                    style="yellow",
-                    highlight=False,
-                )
-    sink = MetricsSink(run_dir, recipe, enabled=is_main)
-    if recipe.eval is not None:
-        from lm_pretrain.eval.runner import TrainingEvaluator
+    val_batches = validation_batches(
+        data.val.tokens, recipe.seq_len, recipe.train.eval_tokens, micro, ids["bos"]
+    )
+    if recipe.objective == "causal":
+        return val_batches, None, []
+    vocab = data.tokenizer.get_vocab_size()
+    masker = MntpMasker(recipe.hybrid, recipe.objective, recipe.seed, ids.values(), ids["mask"], vocab)
+    masked_batches = []
+    for b, (inputs, targets) in enumerate(val_batches):
+        rows = torch.ones(len(inputs), dtype=torch.bool)
+        first = VALIDATION_SAMPLES + b * micro
+        samples = range(first, first + len(inputs))
+        masked = masker.mask_rows(inputs, targets, rows, samples, recipe.hybrid.mask_rate_end)
+        masked_batches.append((*masked, rows))
+    return val_batches, masker, masked_batches
 
-        # masked next-token and hybrid models are scored with both backends
-        backends = ["causal"] if masker is None else ["causal", "mntp"]
-        evaluator = TrainingEvaluator(recipe.eval, tokenizer_dir, backends)
-        for note in evaluator.notes if is_main else []:
-            console.print(f"note: {note}", highlight=False)
-        callbacks.append(ZeroShotEval(evaluator, recipe.eval.every or cfg.eval_every))
-    if is_main:
-        n_params = core.num_parameters()
-        console.print(
-            f"model: {n_params / 1e6:.2f}M parameters | {steps} steps x {cfg.batch_size} sequences x "
-            f"{seq_len} tokens = {steps * tokens_per_step / 1e6:.1f}M tokens, "
-            f"{steps * tokens_per_step * words_per_token / 1e6:.1f}M words "
-            f"({steps * cfg.batch_size / windows.windows_per_epoch:.2f} epochs) | "
-            f"{accelerator.device}, {recipe.train.precision}, {world} process(es), accumulation {accum}"
-        )
 
-    if start_from is None:
-        state.first_val_loss = state.val_loss = validation_loss(model, val_batches, accelerator, document_bos)
-        state.val_loss_step = 0
-        sink.log({"step": 0, "tokens": 0, "words": 0, "val_loss": state.val_loss})
-    if meta_windows is not None:
-        callbacks.append(MecoCooldown(meta_until))
-    callbacks += [ProgressPlot(), Milestones(), *extra_callbacks]
+def _export_final(trainer: Trainer, model: Decoder, unigram_entropy: float, seconds: float) -> None:
+    """final/ (and the callbacks' exports, e.g. final-avg/), then summary.json, written last."""
+    state, run_dir = trainer.state, trainer.run_dir
+    tmp = run_dir / ".tmp-final"
+    provenance = {
+        "kind": "final",
+        "recipe": trainer.recipe.name,
+        **state.to_dict(),
+        "unigram_entropy": unigram_entropy,
+    }
+    write_model_folder(model, trainer.tokenizer_dir, tmp, provenance)
+    publish(tmp, run_dir / "final")
+    trainer.emit("on_export")
+    summary = {**state.to_dict(), "unigram_entropy": unigram_entropy, "seconds": seconds}
+    write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
-    batches = TrainBatches(
+
+def _build_model(recipe: Recipe, data: PreparedData, ids: dict[str, int]) -> Decoder:
+    config = DecoderConfig.from_recipe(
+        recipe.model,
+        vocab_size=data.tokenizer.get_vocab_size(),
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
+        objective=recipe.objective,
+    )
+    model = Decoder(config)
+    model.activation_checkpointing = recipe.train.activation_checkpointing
+    return model
+
+
+def _restore(
+    checkpoint: Checkpoint,
+    folder: Path,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    fsdp: bool,
+    corpus: str,
+) -> TrainState:
+    """Load a checkpoint's optimizer, RNG and loss-scaler state; its TrainState."""
+    if fsdp:
+        sharding.load_full_optimizer_state(optimizer, checkpoint.optimizer_state)
+    else:
+        optimizer.load_state_dict(checkpoint.optimizer_state)
+    if checkpoint.rng is not None:
+        set_rng_state(checkpoint.rng)
+    if accelerator.scaler is not None and (folder / SCALER_FILE).is_file():  # fp16 on GPU
+        accelerator.scaler.load_state_dict(load_state_file(folder / SCALER_FILE))
+    return TrainState.from_dict(checkpoint.state, corpus=corpus)
+
+
+def _train_windows(
+    recipe: Recipe, data: PreparedData, bos: int | None, steps: int
+) -> tuple[PackedWindows, PackedWindows | None, int]:
+    """The training windows; for MeCo also the metadata-prefixed ones and the token count at
+    which the cooldown switches to plain ones (read off the global count, so a resumed run
+    switches at the same step)."""
+    windows = PackedWindows(data.train.tokens, recipe.seq_len, recipe.seed, bos)
+    meta = data.train_meta
+    if meta is None:
+        return windows, None, 0
+    meta_windows = PackedWindows(
+        meta.tokens, recipe.seq_len, recipe.seed, bos, meta.doc_offsets, meta.prefix_lengths
+    )
+    tokens_per_step = recipe.train.batch_size * recipe.seq_len
+    return (
         windows,
-        micro=micro,
-        accum=accum,
-        batch_size=cfg.batch_size,
-        rank=accelerator.process_index,
-        seq_len=seq_len,
-        start=(state.step, state.samples, state.tokens),
-        last_step=steps,
-        main_steps=main_steps,
-        meta_windows=meta_windows,
-        meta_until=meta_until,
-        masker=masker,
+        meta_windows,
+        round((1 - recipe.data.metadata.cooldown_fraction) * steps) * tokens_per_step,
     )
-    for callback in callbacks if start_from is not None else []:
-        callback.load_checkpoint(start_from)
-    loader = train_loader(batches, cfg.data_worker, pin_memory=accelerator.device.type == "cuda")
-    cleanup.callback(close_loader, loader)
-    trainer = Trainer(
-        recipe=recipe,
-        run_dir=run_dir,
-        tokenizer_dir=tokenizer_dir,
-        accelerator=accelerator,
-        model=model,
-        core=core,
-        optimizer=optimizer,
-        schedule=schedule,
-        state=state,
-        steps=steps,
-        accum=accum,
-        batches=loader,
-        windows=windows,
-        words_per_token=words_per_token,
-        val_batches=val_batches,
-        val_mntp_batches=val_mntp_batches,
-        document_bos=document_bos,
-        sink=sink,
-        stop=stop,
-        console=console,
-        callbacks=callbacks,
-    )
-    stopped = trainer.fit()
 
+
+def _run(trainer: Trainer, unigram_entropy: float, continued: bool) -> TrainResult:
+    """Fit, then export the trained model (unless a signal stopped the run)."""
+    stopped = trainer.fit()
+    state, is_main = trainer.state, trainer.is_main
     seconds = time.perf_counter() - trainer.started
-    exported = None if stopped else trainer.full_model()
+    exported = None if stopped else trainer.full_model()  # every process: a collective under FSDP
     if is_main and not stopped:
-        tmp = run_dir / ".tmp-final"
-        provenance = {
-            "kind": "final",
-            "recipe": recipe.name,
-            **state.to_dict(),
-            "unigram_entropy": data.unigram_entropy,
-        }
-        write_model_folder(exported, tokenizer_dir, tmp, provenance)
-        publish(tmp, run_dir / "final")
-        trainer.emit("on_export")
-        summary = {**state.to_dict(), "unigram_entropy": data.unigram_entropy, "seconds": seconds}
-        write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-    sink.close()
-    accelerator.wait_for_everyone()
+        _export_final(trainer, exported, unigram_entropy, seconds)
+    trainer.sink.close()
+    trainer.accelerator.wait_for_everyone()
     return TrainResult(
-        run_dir=run_dir,
+        run_dir=trainer.run_dir,
         steps=state.step,
         tokens=state.tokens,
         first_val_loss=state.first_val_loss,
         final_val_loss=state.val_loss,
-        unigram_entropy=data.unigram_entropy,
+        unigram_entropy=unigram_entropy,
         seconds=seconds,
-        continued=start_from is not None,
+        continued=continued,
         stopped_by_signal=stopped,
+    )
+
+
+def _callbacks(
+    recipe: Recipe,
+    core: Decoder,
+    device: torch.device,
+    tokenizer_dir: Path,
+    masked: bool,
+    meco_cooldown: int | None,
+    console: Console | None,
+) -> list[Callback]:
+    """lmp's own callbacks for this recipe, in the order they run (console: the main process's)."""
+    callbacks: list[Callback] = [NonFiniteSteps(device), StepMetrics(device)]
+    if recipe.train.average is not None:
+        a = recipe.train.average
+        averager = WeightAverager(core, a.kind, decay=a.decay, k=a.k, every=a.every)
+        callbacks.append(WeightAveraging(averager, a.kind))
+    if recipe.eval is not None:
+        from lm_pretrain.eval.runner import TrainingEvaluator
+
+        # masked next-token and hybrid models are scored with both backends
+        evaluator = TrainingEvaluator(
+            recipe.eval, tokenizer_dir, ["causal", "mntp"] if masked else ["causal"]
+        )
+        for note in evaluator.notes if console is not None else []:
+            console.print(f"note: {note}", highlight=False)
+        callbacks.append(ZeroShotEval(evaluator, recipe.eval.every or recipe.train.eval_every))
+    if meco_cooldown is not None:
+        callbacks.append(MecoCooldown(meco_cooldown))
+    return [*callbacks, ProgressPlot(), Milestones()]
+
+
+def _say_where_it_starts(
+    console: Console,
+    plan: StartPlan,
+    branch: Branch | None,
+    schedule: Schedule,
+    step: int,
+    words_per_token: float,
+) -> None:
+    """The checkpoint a run continues from, the recipe fields changed since, and an LR jump."""
+    verb = "resuming" if branch is None else "branching"
+    console.print(f"{verb} from {plan.checkpoint} (step {step})")
+    for key, before, now in plan.changes:
+        console.print(f"  changed {key}: {before!r} -> {now!r}", highlight=False)
+    if plan.changes and plan.branch_record is None:
+        jump = lr_jump_warning(plan.previous_recipe, schedule, step, words_per_token)
+        if jump:
+            console.print(jump, style="yellow", highlight=False)
+
+
+def _run_line(
+    recipe: Recipe,
+    core: Decoder,
+    steps: int,
+    words_per_token: float,
+    windows: PackedWindows,
+    accelerator: Accelerator,
+    accum: int,
+) -> str:
+    """What is about to train: size, length in steps, tokens, words and epochs, and where."""
+    batch, seq = recipe.train.batch_size, recipe.seq_len
+    tokens = steps * batch * seq
+    return (
+        f"model: {core.num_parameters() / 1e6:.2f}M parameters | {steps} steps x {batch} sequences x "
+        f"{seq} tokens = {tokens / 1e6:.1f}M tokens, {tokens * words_per_token / 1e6:.1f}M words "
+        f"({steps * batch / windows.windows_per_epoch:.2f} epochs) | {accelerator.device}, "
+        f"{recipe.train.precision}, {accelerator.num_processes} process(es), accumulation {accum}"
     )
