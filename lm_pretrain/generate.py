@@ -10,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 
 from lm_pretrain.errors import LmpError
 from lm_pretrain.model.remote_code import trust_remote_code as trust_remote_code_for
+from lm_pretrain.run_folder import model_folder
 
 # one of these must be in a model folder (transformers' names, single file or sharded)
 _WEIGHT_FILES = (
@@ -21,25 +22,9 @@ _WEIGHT_FILES = (
 
 
 def resolve_model_folder(path: Path) -> Path:
-    """A model folder itself, or for a run folder its final/ export, else its newest checkpoint;
-    checked so that a broken folder is named with its fix rather than a transformers traceback."""
-    if not path.exists():
-        raise LmpError(f"{path} does not exist; pass runs/<name>, runs/<name>/final or a model folder")
-    if (path / "config.json").is_file():
-        folder = path
-    elif (path / "final" / "config.json").is_file():
-        folder = path / "final"
-    else:
-        from lm_pretrain.train.checkpoint import step_checkpoints
-
-        checkpoints = step_checkpoints(path)
-        if not checkpoints:
-            raise LmpError(
-                f"{path} is not a model folder (no config.json), nor a run folder with final/ or "
-                "checkpoints/; pass runs/<name>/final, runs/<name>/checkpoints/step-<N>, or a "
-                "transformers model folder"
-            )
-        folder = checkpoints[-1]
+    """The model folder `path` stands for (run_folder.model_folder), checked so that a broken
+    folder is named with its fix rather than a transformers traceback."""
+    folder = model_folder(path)
     check_model_folder(folder)
     return folder
 

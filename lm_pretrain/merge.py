@@ -30,19 +30,21 @@ from safetensors.torch import save_file
 
 from lm_pretrain.errors import LmpError, check_writable
 from lm_pretrain.run_folder import (
-    BRANCH_FILE,
     CHECKPOINTS_DIR,
     METRICS_FILE,
     RECIPE_FILE,
+    STATE_FILE,
     STATUS_FILE,
     read_json,
+    root_run,
+    run_of_checkpoint,
+    step_checkpoints,
 )
 
 METHODS = ("uniform", "weighted", "ema", "loss", "greedy")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-STATE_FILE = "trainer_state.json"
 PROVENANCE_FILE = "lmp.json"
 # files that make up a tokenizer in a transformers folder; the output takes the first input's
 TOKENIZER_FILES = (
@@ -88,7 +90,6 @@ class MergeResult:
 
 def resolve_inputs(paths: list[Path], run: Path | None, last_k: int | None) -> list[Path]:
     """The explicit folders, else the run's checkpoints (the newest `last_k` when given)."""
-    from lm_pretrain.train.checkpoint import step_checkpoints
 
     if last_k is not None and run is None:
         raise LmpError("--last-k K needs --run RUN (the run whose newest K checkpoints to merge)")
@@ -160,7 +161,7 @@ def read_input(folder: Path) -> MergeInput:
     if isinstance(state.get("val_loss"), int | float) and state.get("val_loss_step") == item.step:
         item.val_loss = float(state["val_loss"])
     # inside a run, its metrics.jsonl says which steps were evaluated
-    logged = _logged_val_losses(folder.parent.parent) if folder.parent.name == "checkpoints" else None
+    logged = _logged_val_losses(folder.parent.parent) if folder.parent.name == CHECKPOINTS_DIR else None
     if logged is not None and item.step is not None:
         item.val_loss = logged.get(item.step)
     return item
@@ -336,7 +337,7 @@ def _find_run(inputs: list[MergeInput], run: Path | None) -> Path | None:
     parents = {i.path.resolve().parent for i in inputs}
     if len(parents) == 1:
         (folder,) = parents
-        if folder.name == "checkpoints" and (folder.parent / RECIPE_FILE).is_file():
+        if folder.name == CHECKPOINTS_DIR and (folder.parent / RECIPE_FILE).is_file():
             return folder.parent
     return None
 
@@ -501,17 +502,8 @@ def merge_checkpoints(
 
 def _run_root(folder: Path) -> Path | None:
     """The run a checkpoint comes from, followed through branches to the run that set its init."""
-    folder = folder.resolve()
-    if folder.parent.name != "checkpoints":
-        return None
-    run_dir = folder.parent.parent
-    seen = {run_dir}
-    while "parent_run" in (branch := read_json(run_dir / BRANCH_FILE) or {}):
-        run_dir = Path(branch["parent_run"])
-        if run_dir in seen:
-            break
-        seen.add(run_dir)
-    return run_dir
+    run_dir = run_of_checkpoint(folder)
+    return None if run_dir is None else root_run(run_dir)
 
 
 def _notes(inputs: list[MergeInput], paths: list[Path], run: Path | None, method: str) -> list[str]:

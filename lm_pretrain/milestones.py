@@ -16,12 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lm_pretrain.errors import LmpError
-from lm_pretrain.run_folder import BRANCH_FILE
+from lm_pretrain.run_folder import BRANCH_FILE, CHECKPOINTS_DIR, FINAL_DIR, STATE_FILE
 
 
 def _is_training_state(name: str) -> bool:
     """Files of a checkpoint that only resume needs (the rest makes up the model folder)."""
-    return name.endswith(".pt") or name == "trainer_state.json"
+    return name.endswith(".pt") or name == STATE_FILE
 
 
 def milestone_words() -> list[int]:
@@ -56,10 +56,10 @@ def _milestones_of(
                 f"{run_dir} branched from {parent}, which is gone; its milestones up to step "
                 f"{parent_step} (this branch's history) are not exported, only the branch's own"
             )
-    folder = run_dir / "checkpoints"
+    folder = run_dir / CHECKPOINTS_DIR
     for ckpt in folder.glob("chck_*M") if folder.is_dir() else []:
-        if (ckpt / "trainer_state.json").is_file():
-            state = json.loads((ckpt / "trainer_state.json").read_text())
+        if (ckpt / STATE_FILE).is_file():
+            state = json.loads((ckpt / STATE_FILE).read_text())
             if up_to_step is None or state["step"] <= up_to_step:
                 found[ckpt.name] = (state["words"], ckpt)
     return found
@@ -113,8 +113,8 @@ def _git_repository(run_dir: Path, repo: Path, checkpoints: list[Path]) -> None:
     if git_lfs_available():  # the Hub takes large files only through LFS
         run("lfs", "install", "--local")
     branches = [(ckpt.name, ckpt) for ckpt in checkpoints]
-    if (run_dir / "final" / "config.json").is_file():
-        branches.append(("main", run_dir / "final"))
+    if (run_dir / FINAL_DIR / "config.json").is_file():
+        branches.append(("main", run_dir / FINAL_DIR))
     for branch, source in branches:
         run("checkout", "-q", "--orphan", branch)
         for item in repo.iterdir():

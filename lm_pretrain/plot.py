@@ -19,11 +19,11 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter
 
 from lm_pretrain.errors import LmpError
+from lm_pretrain.run_folder import PROGRESS_FILE
 from lm_pretrain.runs import EVAL_PREFIX, Run, find_runs, is_run_dir, load_run, run_state
 
 X_KEYS = {"steps": "step", "tokens": "tokens", "words": "words"}
 DEFAULT_METRICS = ("loss", "val_loss", "val_mntp_loss", "lr")  # each drawn when logged
-PROGRESS_FILE = "progress.png"
 _TITLES = {
     "loss": "train loss",
     "val_loss": "validation loss",

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lm_pretrain.errors import LmpError
+from lm_pretrain.run_folder import RECIPE_FILE
 
 
 class Section(BaseModel):
@@ -439,7 +440,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if path in chain:
         cycle = " -> ".join(p.name for p in (*chain[chain.index(path) :], path))
         raise LmpError(f"recipes extend each other in a cycle ({cycle}); one must stop extending")
-    if path.is_dir() and (path / "recipe.yaml").is_file():
+    if path.is_dir() and (path / RECIPE_FILE).is_file():
         raise LmpError(
             f"{path} is a run folder, not a recipe; to resume it: lmp train {path / 'recipe.yaml'} --out {path}"
         )

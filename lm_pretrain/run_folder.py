@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ FINAL_DIR = "final"
 FINAL_AVERAGE_DIR = "final-avg"
 TOKENIZER_DIR = "tokenizer"
 LOCK_FILE = ".lock"
+PROGRESS_FILE = "progress.png"
+STATE_FILE = "trainer_state.json"  # in each checkpoint, written last: it marks the checkpoint complete
 
 
 def is_run_folder(path: Path) -> bool:
@@ -65,3 +68,70 @@ def write_status(run_dir: Path, state: str, **extra: Any) -> None:
     """status.json: running | finished | stopped | failed, for `lmp runs` and resume."""
     record = {"state": state, "pid": os.getpid(), "updated": round(time.time(), 3), **extra}
     write_atomic(run_dir / STATUS_FILE, json.dumps(record) + "\n")
+
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run (step-<N> and milestone chck_<N>M folders), oldest first.
+    Temporary folders and folders without trainer_state.json are ignored."""
+    folder = run_dir / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        if path.name.startswith(".") or not (path / STATE_FILE).is_file():
+            continue
+        try:
+            step = json.loads((path / STATE_FILE).read_text())["step"]
+        except (ValueError, KeyError, TypeError):
+            raise LmpError(
+                f"checkpoint {path} has an unreadable {STATE_FILE}; move the folder aside to resume "
+                "from the previous checkpoint"
+            ) from None
+        # at equal steps a step-N folder sorts last: it is the one resume reads
+        found.append((step, bool(_STEP_DIR.match(path.name)), path.name, path))
+    return [p for *_, p in sorted(found)]
+
+
+def is_step_checkpoint(path: Path) -> bool:
+    """A step-<N> folder (pruned to checkpoint.keep_last), not a milestone (always kept)."""
+    return _STEP_DIR.match(path.name) is not None
+
+
+def model_folder(path: Path) -> Path:
+    """The model folder `path` stands for: itself, or for a run its final/ export, else its
+    newest checkpoint. LmpError when it is none of these."""
+    if not path.exists():
+        raise LmpError(f"{path} does not exist; pass runs/<name>, runs/<name>/final or a model folder")
+    if (path / "config.json").is_file():
+        return path
+    if (path / FINAL_DIR / "config.json").is_file():
+        return path / FINAL_DIR
+    checkpoints = step_checkpoints(path)
+    if not checkpoints:
+        raise LmpError(
+            f"{path} is not a model folder (no config.json), nor a run folder with final/ or "
+            "checkpoints/; pass runs/<name>/final, runs/<name>/checkpoints/step-<N>, or a "
+            "transformers model folder"
+        )
+    return checkpoints[-1]
+
+
+def run_of_checkpoint(folder: Path) -> Path | None:
+    """The run folder a checkpoint folder belongs to (runs/<name>/checkpoints/<ckpt>), else None."""
+    folder = folder.resolve()
+    return folder.parent.parent if folder.parent.name == CHECKPOINTS_DIR else None
+
+
+def root_run(run_dir: Path) -> Path:
+    """The run a branch descends from, followed through branch.json to the run that set its
+    initial weights (itself for a main run)."""
+    seen = {run_dir}
+    while "parent_run" in (branch := read_json(run_dir / BRANCH_FILE) or {}):
+        run_dir = Path(branch["parent_run"])
+        if run_dir in seen:
+            break
+        seen.add(run_dir)
+    return run_dir

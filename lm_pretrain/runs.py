@@ -21,16 +21,28 @@ from lm_pretrain.errors import LmpError
 from lm_pretrain.recipe import validate_recipe
 from lm_pretrain.run_folder import (
     BRANCH_FILE,
+    CHECKPOINTS_DIR,
+    FINAL_AVERAGE_DIR,
+    FINAL_DIR,
     METRICS_FILE,
     RECIPE_FILE,
     STATUS_FILE,
     SUMMARY_FILE,
+    TOKENIZER_DIR,
     read_json,
 )
 from lm_pretrain.train.schedule import total_steps
 
 # folders inside a run that never hold runs themselves; skipped when searching for runs
-_NOT_RUNS = {"checkpoints", "final", "tokenizer", "wandb", "tensorboard", ".tmp-final"}
+_NOT_RUNS = {
+    CHECKPOINTS_DIR,
+    FINAL_DIR,
+    FINAL_AVERAGE_DIR,
+    TOKENIZER_DIR,
+    "wandb",
+    "tensorboard",
+    ".tmp-final",
+}
 _RUN_MARKERS = (METRICS_FILE, RECIPE_FILE, STATUS_FILE)
 EVAL_PREFIX = "eval/"
 
@@ -216,8 +228,8 @@ def run_state(run: Run) -> str:
 
 def _config_json(run_dir: Path) -> dict[str, Any] | None:
     """config.json of final/ or else the newest checkpoint (for the real vocabulary size)."""
-    candidates = [run_dir / "final" / "config.json"]
-    checkpoints = run_dir / "checkpoints"
+    candidates = [run_dir / FINAL_DIR / "config.json"]
+    checkpoints = run_dir / CHECKPOINTS_DIR
     if checkpoints.is_dir():
         steps = []
         for child in checkpoints.iterdir():

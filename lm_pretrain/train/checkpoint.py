@@ -27,9 +27,7 @@ from safetensors import SafetensorError
 from lm_pretrain.errors import LmpError
 from lm_pretrain.model.decoder import Decoder
 from lm_pretrain.model.export import save_model
-
-STATE_FILE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+from lm_pretrain.run_folder import CHECKPOINTS_DIR, STATE_FILE, is_step_checkpoint, step_checkpoints
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -122,28 +120,6 @@ def load_state_file(path: Path) -> Any:
         ) from None
 
 
-def step_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run (step-<N> and milestone chck_<N>M folders), oldest first.
-    Temporary folders and folders without trainer_state.json are ignored."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        if path.name.startswith(".") or not (path / STATE_FILE).is_file():
-            continue
-        try:
-            step = json.loads((path / STATE_FILE).read_text())["step"]
-        except (ValueError, KeyError, TypeError):
-            raise LmpError(
-                f"checkpoint {path} has an unreadable {STATE_FILE}; move the folder aside to resume "
-                "from the previous checkpoint"
-            ) from None
-        # at equal steps a step-N folder sorts last: it is the one resume reads
-        found.append((step, bool(_STEP_DIR.match(path.name)), path.name, path))
-    return [p for *_, p in sorted(found)]
-
-
 def save_checkpoint(
     run_dir: Path,
     model: Decoder,
@@ -158,7 +134,7 @@ def save_checkpoint(
     """Write checkpoints/<name>/ (default step-<N>) atomically, then prune step-<N> folders to
     the newest `keep_last`. Named (milestone) checkpoints are always kept. `rng_states` holds
     every process's RNG state (rng-<rank>.pt); by default this process's alone."""
-    folder = run_dir / "checkpoints"
+    folder = run_dir / CHECKPOINTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     name = name or f"step-{state['step']}"
     final = folder / name
@@ -182,7 +158,7 @@ def save_checkpoint(
             "folder's permissions) and run the same command to resume"
         ) from None
     publish(tmp, final)
-    for old in [p for p in step_checkpoints(run_dir) if _STEP_DIR.match(p.name)][:-keep_last]:
+    for old in [p for p in step_checkpoints(run_dir) if is_step_checkpoint(p)][:-keep_last]:
         try:
             shutil.rmtree(old)
         except OSError as exc:

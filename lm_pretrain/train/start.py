@@ -23,11 +23,12 @@ from lm_pretrain.run_folder import (
     FINAL_DIR,
     LOCK_FILE,
     RECIPE_FILE,
+    STATE_FILE,
     SUMMARY_FILE,
     is_run_folder,
     read_json,
+    step_checkpoints,
 )
-from lm_pretrain.train.checkpoint import STATE_FILE, step_checkpoints
 from lm_pretrain.train.schedule import Decay, Schedule, make_schedule, total_steps
 
 # recipe fields a resumed run may change: how long it trains, what it reports, how it runs here.
@@ -139,7 +140,7 @@ def _start_state(run_dir: Path, branch: Branch | None, resume: bool) -> tuple[Pa
         raise LmpError(
             f"--branch-from {branch.checkpoint} does not exist; pass a runs/<name>/checkpoints/step-<N> folder"
         )
-    if not (branch.checkpoint / "trainer_state.json").is_file():
+    if not (branch.checkpoint / STATE_FILE).is_file():
         raise LmpError(
             f"--branch-from {branch.checkpoint} is not an lmp checkpoint (no trainer_state.json); "
             "pass a runs/<name>/checkpoints/step-<N> folder"

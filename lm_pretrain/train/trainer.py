@@ -36,9 +36,12 @@ from lm_pretrain.model.decoder import Decoder, DecoderConfig
 from lm_pretrain.recipe import Recipe
 from lm_pretrain.run_folder import (
     BRANCH_FILE,
+    FINAL_DIR,
     RECIPE_FILE,
+    STATE_FILE,
     STATUS_FILE,
     SUMMARY_FILE,
+    TOKENIZER_DIR,
     write_atomic,
     write_status,
 )
@@ -139,7 +142,7 @@ def _finished_result(run_dir: Path, start_from: Path | None, steps: int) -> Trai
     # summary.json is written last: without it the final export is redone
     if start_from is None or start_from.parent.parent != run_dir or not (run_dir / SUMMARY_FILE).is_file():
         return None
-    step = json.loads((start_from / "trainer_state.json").read_text())["step"]
+    step = json.loads((start_from / STATE_FILE).read_text())["step"]
     try:
         summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     except ValueError:  # cut short by a kill: redo the final export, which rewrites it
@@ -203,7 +206,7 @@ def _train(
     if checkpoint is not None:
         check_same_data(start_from, checkpoint.state, data, recipe)
     ids = special_token_ids(data.tokenizer, recipe.tokenizer)
-    tokenizer_dir = run_dir / "tokenizer"
+    tokenizer_dir = run_dir / TOKENIZER_DIR
     set_seed(recipe.seed)
     model = _build_model(recipe, data, ids)
     fsdp = cfg.distributed == "fsdp"
@@ -339,7 +342,7 @@ def _export_final(trainer: Trainer, model: Decoder, unigram_entropy: float, seco
         "unigram_entropy": unigram_entropy,
     }
     write_model_folder(model, trainer.tokenizer_dir, tmp, provenance)
-    publish(tmp, run_dir / "final")
+    publish(tmp, run_dir / FINAL_DIR)
     trainer.emit("on_export")
     summary = {**state.to_dict(), "unigram_entropy": unigram_entropy, "seconds": seconds}
     write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")

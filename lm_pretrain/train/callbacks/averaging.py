@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from lm_pretrain.average import WeightAverager
+from lm_pretrain.run_folder import FINAL_AVERAGE_DIR
 from lm_pretrain.train.callbacks import Callback
 from lm_pretrain.train.checkpoint import load_state_file, publish, write_model_folder
 from lm_pretrain.train.loop import Trainer
@@ -38,7 +39,7 @@ class WeightAveraging(Callback):
         with self.averager.applied(t.core):
             tmp = t.run_dir / ".tmp-final-avg"
             write_model_folder(t.core, t.tokenizer_dir, tmp, {"kind": "final-avg", **t.state.to_dict()})
-            publish(tmp, t.run_dir / "final-avg")
+            publish(tmp, t.run_dir / FINAL_AVERAGE_DIR)
 
     def checkpoint_files(self) -> dict[str, Any]:
         return {AVERAGE_FILE: self.averager.state_dict()}
