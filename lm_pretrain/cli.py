@@ -16,7 +16,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from lm_pretrain.errors import LmpError, check_writable
+from lm_pretrain.eval.tasks import ALL_TASKS
 from lm_pretrain.run_folder import BRANCH_FILE, STATUS_FILE
+from lm_pretrain.train.schedule import SCHEDULE_KINDS
 
 if TYPE_CHECKING:
     from lm_pretrain.recipe import Recipe
@@ -66,7 +68,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _longer_hint(recipe: Recipe) -> str:
     sched = recipe.schedule
-    if sched.kind == "cosine" or (sched.kind in ("wsd", "infinite") and sched.decay > 0):
+    if SCHEDULE_KINDS[sched.kind].decays_at_end(sched):
         return (
             "Its LR has decayed to the end: a larger train.max_steps moves the decay later, so the LR "
             "jumps back up when it resumes. To go on at the stable LR, fork a checkpoint from before "
@@ -342,7 +344,7 @@ def eval_(
     tasks: Annotated[
         str | None,
         typer.Option(
-            help="comma list of blimp,blimp_supplement,ewok,entity_tracking,probe,perplexity "
+            help=f"comma list of {','.join(ALL_TASKS)} "
             "(default: probe, perplexity, and the data tasks found under --data-dir)"
         ),
     ] = None,

@@ -17,7 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lm_pretrain.errors import LmpError
+from lm_pretrain.eval.tasks import DATA_TASKS
 from lm_pretrain.run_folder import RECIPE_FILE
+from lm_pretrain.train.schedule import SCHEDULE_KINDS
 
 
 class Section(BaseModel):
@@ -131,7 +133,7 @@ class OptimConfig(Section):
 class ScheduleConfig(Section):
     """Lengths (warmup, decay, cooldown) are fractions of training when below 1, else counts of `unit`."""
 
-    kind: Literal["constant", "cosine", "wsd", "infinite"] = "wsd"
+    kind: Literal[tuple(SCHEDULE_KINDS)] = "wsd"  # type: ignore[valid-type]
     unit: Literal["steps", "tokens"] = "steps"
     warmup: float = Field(0.05, ge=0)
     decay: float = Field(0.2, ge=0, description="wsd and infinite: the final decay (anneal)")
@@ -143,11 +145,8 @@ class ScheduleConfig(Section):
     @model_validator(mode="after")
     def _stages_fit(self) -> ScheduleConfig:
         # fractions can be checked here; counts only once the number of training steps is known
-        stages = {"warmup": self.warmup}
-        if self.kind == "infinite":
-            stages["cooldown"] = self.cooldown
-        if self.kind in ("wsd", "infinite"):
-            stages["decay"] = self.decay
+        lengths = {"warmup": self.warmup, "cooldown": self.cooldown, "decay": self.decay}
+        stages = {k: lengths[k] for k in ("warmup", *SCHEDULE_KINDS[self.kind].stages)}
         if all(v < 1 for v in stages.values()) and sum(stages.values()) > 1:
             named = " + ".join(f"{k} {v:g}" for k, v in stages.items())
             raise ValueError(f"{named} add up to more than all of training; shorten them")
@@ -239,7 +238,7 @@ class EvalConfig(Section):
     eval/<task>_mntp for masked next-token and hybrid objectives), scored as `lmp eval` does."""
 
     every: int | None = Field(None, ge=1, description="steps between evaluations; default train.eval_every")
-    tasks: list[Literal["probe", "blimp", "blimp_supplement", "ewok", "entity_tracking"]] = ["probe"]
+    tasks: list[Literal[("probe", *DATA_TASKS)]] = ["probe"]  # type: ignore[valid-type]
     data_dir: str | None = Field(
         None, description="the BabyLM evaluation_data folder (or a BLiMP folder): needed by all but probe"
     )

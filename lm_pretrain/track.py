@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -86,7 +87,7 @@ class WandbTracker:
 
 
 class TensorBoardTracker:
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, recipe: Recipe) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
@@ -106,6 +107,14 @@ class TensorBoardTracker:
         self._writer.close()
 
 
+# trackers beside metrics.jsonl: when a recipe turns each on, and its class (run_dir, recipe);
+# a new backend is a class above, its recipe field under `tracking`, and a line here
+TRACKERS: dict[str, tuple[Callable[[Recipe], bool], Callable[[Path, Recipe], Tracker]]] = {
+    "wandb": (lambda recipe: recipe.tracking.wandb != "off", WandbTracker),
+    "tensorboard": (lambda recipe: recipe.tracking.tensorboard, TensorBoardTracker),
+}
+
+
 class MetricsSink:
     """Every logged record, time-stamped, to the recipe's trackers: metrics.jsonl always, wandb
     and TensorBoard when tracking asks. Disabled on all but the main process."""
@@ -115,10 +124,7 @@ class MetricsSink:
         if not enabled:
             return
         self.trackers.append(JsonlTracker(run_dir))
-        if recipe.tracking.wandb != "off":
-            self.trackers.append(WandbTracker(run_dir, recipe))
-        if recipe.tracking.tensorboard:
-            self.trackers.append(TensorBoardTracker(run_dir))
+        self.trackers += [make(run_dir, recipe) for wanted, make in TRACKERS.values() if wanted(recipe)]
 
     def log(self, record: dict[str, Any]) -> None:
         record = {**record, "time": round(time.time(), 3)}

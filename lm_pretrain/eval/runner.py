@@ -15,10 +15,8 @@ from lm_pretrain.errors import LmpError
 from lm_pretrain.eval.probe import probe_items
 from lm_pretrain.eval.report import TaskResult, judge
 from lm_pretrain.eval.scoring import BACKENDS, ScoringModel, load_scoring_model, score_candidates
-from lm_pretrain.eval.tasks import DATA_TASKS, Item, load_task, locate, with_prefix
+from lm_pretrain.eval.tasks import ALL_TASKS, DATA_TASKS, Item, load_task, locate, with_prefix
 from lm_pretrain.recipe import EvalConfig
-
-ALL_TASKS = (*DATA_TASKS, "probe", "perplexity")
 
 
 @dataclass
@@ -54,7 +52,7 @@ def parse_tasks(text: str | None, data_dir: Path | None, fast: bool = False) -> 
                 continue
             found.append(task)
         if data_dir is not None and not found:
-            locate(DATA_TASKS[0], data_dir, fast)  # raises, naming where it looked
+            locate(next(iter(DATA_TASKS)), data_dir, fast)  # raises, naming where it looked
         return [*found, "probe", "perplexity"]
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in ALL_TASKS]

@@ -20,16 +20,6 @@ from typing import Any
 from lm_pretrain.errors import LmpError
 from lm_pretrain.jsonl import json_objects
 
-DATA_TASKS = ("blimp", "blimp_supplement", "ewok", "entity_tracking")
-
-# task -> (folder in full_eval, folder in fast_eval)
-FOLDERS = {
-    "blimp": ("blimp_filtered", "blimp_fast"),
-    "blimp_supplement": ("supplement_filtered", "supplement_fast"),
-    "ewok": ("ewok_filtered", "ewok_fast"),
-    "entity_tracking": ("entity_tracking", "entity_tracking_fast"),
-}
-
 
 @dataclass(frozen=True)
 class Item:
@@ -152,19 +142,32 @@ def read_entity_tracking(folder: Path) -> list[Item]:
     return items
 
 
-READERS: dict[str, Callable[[Path], list[Item]]] = {
-    "blimp": read_blimp,
-    "blimp_supplement": read_supplement,
-    "ewok": read_ewok,
-    "entity_tracking": read_entity_tracking,
+@dataclass(frozen=True)
+class DataTask:
+    """A zero-shot task read from the BabyLM evaluation data: its reader and its folders under
+    full_eval/ and fast_eval/."""
+
+    read: Callable[[Path], list[Item]]
+    full_folder: str
+    fast_folder: str
+
+
+# the data tasks (eval --tasks, a recipe's eval.tasks): a new one is a reader above and a line here
+DATA_TASKS: dict[str, DataTask] = {
+    "blimp": DataTask(read_blimp, "blimp_filtered", "blimp_fast"),
+    "blimp_supplement": DataTask(read_supplement, "supplement_filtered", "supplement_fast"),
+    "ewok": DataTask(read_ewok, "ewok_filtered", "ewok_fast"),
+    "entity_tracking": DataTask(read_entity_tracking, "entity_tracking", "entity_tracking_fast"),
 }
+# what lmp eval --tasks takes: the data tasks, lmp's grammar probe and perplexity
+ALL_TASKS = (*DATA_TASKS, "probe", "perplexity")
 
 
 def locate(task: str, data_dir: Path, fast: bool = False) -> Path:
     """The folder of `task` under `data_dir`: the evaluation_data root, its full_eval/ or fast_eval/,
     the task folder itself, or (for blimp) any folder of BLiMP-layout *.jsonl files."""
-    full, quick = FOLDERS[task]
-    name = quick if fast else full
+    spec = DATA_TASKS[task]
+    name = spec.fast_folder if fast else spec.full_folder
     split = "fast_eval" if fast else "full_eval"
     tried = [
         data_dir / name,
@@ -188,4 +191,4 @@ def locate(task: str, data_dir: Path, fast: bool = False) -> Path:
 
 def load_task(task: str, data_dir: Path, fast: bool = False) -> tuple[Path, list[Item]]:
     folder = locate(task, data_dir, fast)
-    return folder, READERS[task](folder)
+    return folder, DATA_TASKS[task].read(folder)

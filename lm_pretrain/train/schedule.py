@@ -15,10 +15,14 @@ A decay branch (`lmp train --branch-from`) is the same decay started from any st
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lm_pretrain.errors import LmpError
-from lm_pretrain.recipe import Recipe, ScheduleConfig
+
+if TYPE_CHECKING:  # recipe.py reads SCHEDULE_KINDS from here for its allowed values
+    from lm_pretrain.recipe import Recipe, ScheduleConfig
 
 
 def decay_shape(progress: float, shape: str) -> float:
@@ -61,39 +65,75 @@ class Schedule:
         return self.base(step)
 
     def base(self, step: int) -> float:
-        cfg = self.cfg
         if step < self.warmup:
             return (step + 1) / self.warmup
-        if cfg.kind == "constant":
-            return 1.0
-        if cfg.kind == "cosine":
-            span = max(1, self.total - self.warmup)
-            return Decay(self.warmup, span, 1.0, cfg.min_lr_ratio, "cosine")(step)
-        decay_start = self.total - self.decay
-        # decay 0: no decay at all, also past the last step (where a branch may start its own)
-        if cfg.kind == "wsd":
-            if step < decay_start or self.decay == 0:
-                return 1.0
-            return Decay(decay_start, self.decay, 1.0, cfg.min_lr_ratio, cfg.decay_shape)(step)
-        # infinite
-        plateau = cfg.constant_lr_ratio
-        if step < self.warmup + self.cooldown:
-            return Decay(self.warmup, self.cooldown, 1.0, plateau, "cosine")(step)
-        if step < decay_start or self.decay == 0:
-            return plateau
-        return Decay(decay_start, self.decay, plateau, cfg.min_lr_ratio, cfg.decay_shape)(step)
+        return SCHEDULE_KINDS[self.cfg.kind].after_warmup(self, step)
 
     def key_points(self) -> list[tuple[str, int]]:
         """Named stage boundaries, for printing and plotting."""
         points = [("start", 0), ("warmup end", self.warmup)]
-        if self.cfg.kind == "infinite":
+        stages = SCHEDULE_KINDS[self.cfg.kind].stages
+        if "cooldown" in stages:
             points.append(("cooldown end", self.warmup + self.cooldown))
-        if self.cfg.kind in ("wsd", "infinite") and self.decay:
+        if "decay" in stages and self.decay:
             points.append(("first decay step", self.total - self.decay))
         if self.branch is not None:
             points.append(("first branch decay step", self.branch.start))
         points.append(("last step", self.total - 1))
         return points
+
+
+# ---------------------------------------------------------------- the kinds (after warmup)
+
+
+def _constant(s: Schedule, step: int) -> float:
+    return 1.0
+
+
+def _cosine(s: Schedule, step: int) -> float:
+    return Decay(s.warmup, max(1, s.total - s.warmup), 1.0, s.cfg.min_lr_ratio, "cosine")(step)
+
+
+def _final_decay(s: Schedule, step: int, plateau: float) -> float:
+    """`plateau` until the last `decay` steps, then the decay to min_lr_ratio; decay 0: no decay
+    at all, also past the last step (where a branch may start its own)."""
+    decay_start = s.total - s.decay
+    if step < decay_start or s.decay == 0:
+        return plateau
+    return Decay(decay_start, s.decay, plateau, s.cfg.min_lr_ratio, s.cfg.decay_shape)(step)
+
+
+def _wsd(s: Schedule, step: int) -> float:
+    return _final_decay(s, step, 1.0)
+
+
+def _infinite(s: Schedule, step: int) -> float:
+    plateau = s.cfg.constant_lr_ratio
+    if step < s.warmup + s.cooldown:
+        return Decay(s.warmup, s.cooldown, 1.0, plateau, "cosine")(step)
+    return _final_decay(s, step, plateau)
+
+
+@dataclass(frozen=True)
+class ScheduleKind:
+    """A schedule shape: the multiplier after warmup, the recipe lengths it uses besides warmup
+    (of "cooldown", "decay"), and whether it always ends decayed (cosine)."""
+
+    after_warmup: Callable[[Schedule, int], float]
+    stages: tuple[str, ...] = ()
+    always_decays: bool = False
+
+    def decays_at_end(self, cfg: ScheduleConfig) -> bool:
+        return self.always_decays or ("decay" in self.stages and cfg.decay > 0)
+
+
+# schedule.kind's allowed values: a new kind is a function above and a line here
+SCHEDULE_KINDS: dict[str, ScheduleKind] = {
+    "constant": ScheduleKind(_constant),
+    "cosine": ScheduleKind(_cosine, always_decays=True),
+    "wsd": ScheduleKind(_wsd, ("decay",)),
+    "infinite": ScheduleKind(_infinite, ("cooldown", "decay")),
+}
 
 
 def make_schedule(
@@ -105,11 +145,8 @@ def make_schedule(
         return round(value / tokens_per_step) if cfg.unit == "tokens" else int(value)
 
     warmup, decay, cooldown = steps(cfg.warmup), steps(cfg.decay), steps(cfg.cooldown)
-    stages = {"warmup": warmup}
-    if cfg.kind == "infinite":
-        stages["cooldown"] = cooldown
-    if cfg.kind in ("wsd", "infinite"):
-        stages["decay"] = decay
+    lengths = {"warmup": warmup, "cooldown": cooldown, "decay": decay}
+    stages = {k: lengths[k] for k in ("warmup", *SCHEDULE_KINDS[cfg.kind].stages)}
     if sum(stages.values()) > total_steps:
         named = " + ".join(f"schedule.{k} {v:,}" for k, v in stages.items())
         raise LmpError(
