@@ -25,14 +25,9 @@ are timed with a synchronize between them, and MFU is against the measured bf16 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -43,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lm_pretrain.bench_memory import step_memory_mb
 from lm_pretrain.data.loader import PackedWindows, TrainBatches, train_loader
 from lm_pretrain.model.decoder import Decoder, DecoderConfig, default_intermediate_size
 from lm_pretrain.model.export import hf_config_dict
@@ -285,85 +281,6 @@ class BackgroundBatches:
         self.loader = None  # the last reference: the worker process shuts down
 
 
-# ---------------------------------------------------------------- memory
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class RssSampler:
-    """Samples this process's RSS every `interval` seconds in a thread; .peak is the highest seen."""
-
-    def __init__(self, interval: float = 0.0005) -> None:
-        self.interval = interval
-        self.peak = _rss_mb()
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._work, daemon=True)
-
-    def _work(self) -> None:
-        while not self.stopped.is_set():
-            self.peak = max(self.peak, _rss_mb())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopped.set()
-        self.thread.join()
-        self.peak = max(self.peak, _rss_mb())
-
-
-def _memory_child(shape: Shape, which: str) -> float:
-    """Peak memory (MiB) of a training step above the memory held before it, in a fresh process.
-
-    The first step pages in code and creates the optimizer state; the second is the one measured,
-    so the figure is activations, gradients and temporaries (the loss's logits among them).
-    """
-    device = torch.device("cpu")
-    lmp, hf = build_models(shape, device)
-    choices = {
-        "hf": (hf, _hf_loss),
-        "lmp": (lmp, _lmp_loss),
-        "lmp-plain": (lmp, _lmp_plain_loss),
-        "lmp-checkpointed": (lmp, _lmp_loss),
-    }
-    model, loss_fn = choices[which]
-    lmp.activation_checkpointing = which == "lmp-checkpointed"
-    del lmp, hf  # only the measured model stays alive
-    trainee = Trainee(which, model, loss_fn, device)
-    data = BackgroundBatches(shape, device)
-    batches = [data.next() for _ in range(2)]
-    data.close()
-    trainee.step(*batches[0], record=False)
-    before = _rss_mb()
-    with RssSampler() as sampler:
-        trainee.step(*batches[1], record=False)
-    return sampler.peak - before
-
-
-def step_memory_mb(shape: Shape, which: str) -> float | None:
-    """_memory_child in a subprocess: peak RSS is per process, and allocator caches are shared."""
-    # glibc then maps every large block on its own and unmaps it when freed, so RSS follows live tensors
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "MALLOC_MMAP_THRESHOLD_": "65536"}
-    code = (
-        "import json, sys; from lm_pretrain.bench import Shape, _memory_child; "
-        "print(json.dumps(_memory_child(Shape(**json.loads(sys.argv[1])), sys.argv[2])))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(asdict(shape)), which],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if proc.returncode != 0:
-        return None
-    return float(proc.stdout.strip().splitlines()[-1])
-
-
 # ---------------------------------------------------------------- prep and eval throughput
 
 
@@ -579,68 +496,3 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name()
     return f"cpu, {torch.get_num_threads()} threads"
-
-
-def result_table(result: BenchResult) -> Any:
-    from rich.table import Table
-
-    s = result.shape
-    title = (
-        f"{result.device}: hidden {s['hidden']}, {s['layers']} layers, seq {s['seq']}, batch {s['batch']}, "
-        f"vocab {s['vocab']} ({result.parameters / 1e6:.1f}M parameters), bf16 autocast; matmul peak "
-        f"fp32 {result.peak_gflops['fp32']:.0f}, bf16 {result.peak_gflops['bf16']:.0f} GFLOP/s "
-        f"(bf16 at the MLP's shape {result.peak_gflops['bf16_mlp_shape']:.0f})"
-    )
-    table = Table(title=title, title_justify="left")
-    for column in ["model", "tokens/s", "vs transformers", "MFU", "data", "forward", "backward", "optimizer",
-                   "peak MiB"]:  # fmt: skip
-        table.add_column(column, justify="left" if column == "model" else "right")
-    hf_tps = next(r.tokens_per_s for r in result.models if r.name == HF)
-    for r in result.models:
-        table.add_row(
-            r.name,
-            f"{r.tokens_per_s:,.0f}",
-            f"{r.tokens_per_s / hf_tps:.2f}x",
-            f"{r.mfu:.1%}",
-            f"{r.data_s * 1e3:.1f} ms ({r.data_share:.1%})",
-            f"{r.forward_s * 1e3:.0f} ms",
-            f"{r.backward_s * 1e3:.0f} ms",
-            f"{r.optimizer_s * 1e3:.0f} ms",
-            "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:,.0f}",
-        )
-    return table
-
-
-def result_lines(result: BenchResult) -> list[str]:
-    """The lines printed under the table: loss memory, preparation and evaluation throughput."""
-    lines = [f"ratio {name}: {ratio:.2f}x" for name, ratio in result.ratios.items()]
-    mem = result.loss_memory_mb
-    if mem.get("saving") is not None:
-        lines.append(
-            f"lmp step peak memory: plain loss {mem['plain_loss']:,.0f} MiB, chunked loss "
-            f"{mem['chunked_loss']:,.0f} MiB (saves {mem['saving']:,.0f} MiB)"
-        )
-    if mem.get("activation_checkpointing") is not None and mem.get("chunked_loss") is not None:
-        lines.append(
-            f"with train.activation_checkpointing: {mem['activation_checkpointing']:,.0f} MiB "
-            f"(saves {mem['chunked_loss'] - mem['activation_checkpointing']:,.0f} MiB more)"
-        )
-    if result.prep:
-        p = result.prep
-        lines.append(
-            f"data prep (builtin:demo, {p['documents']} documents, {p['words']:,} words): tokenizer training "
-            f"{p['tokenizer_train_s']:.1f} s ({p['tokenizer_train_words_per_s']:,.0f} words/s), encoding "
-            f"{p['encode_tokens_per_s']:,.0f} tokens/s"
-        )
-    if result.eval:
-        e = result.eval
-        if e["available"]:
-            lines.append(f"eval: {e['pairs']} probe minimal pairs, {e['pairs_per_s']:,.1f} pairs/s")
-        else:
-            lines.append(f"eval: {e['reason']}")
-    return lines
-
-
-def write_json(result: BenchResult, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_json(), indent=2) + "\n")

@@ -517,7 +517,8 @@ def bench(
     """Training speed of lmp vs transformers' Llama (same shapes, weights, batches): tokens/s, MFU."""
     from dataclasses import replace
 
-    from lm_pretrain.bench import Shape, result_lines, result_table, run_bench, shape_from_recipe, write_json
+    from lm_pretrain.bench import Shape, run_bench, shape_from_recipe
+    from lm_pretrain.bench_report import result_lines, result_table, write_json
 
     if json_out is not None:
         output_file(json_out, "--json")

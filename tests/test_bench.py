@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from lm_pretrain.bench import HF, LMP, Shape, flops_per_token, run_bench, write_json
+from lm_pretrain.bench import HF, LMP, Shape, flops_per_token, run_bench
+from lm_pretrain.bench_report import write_json
 from lm_pretrain.cli import app
 from lm_pretrain.model.decoder import Decoder, DecoderConfig, chunked_lm_loss
 
