@@ -40,9 +40,9 @@ import torch.nn.functional as F
 
 from lm_pretrain.bench_memory import step_memory_mb
 from lm_pretrain.data.loader import PackedWindows, TrainBatches, train_loader
-from lm_pretrain.model.decoder import Decoder, DecoderConfig, default_intermediate_size
+from lm_pretrain.model.decoder import Decoder, DecoderConfig
 from lm_pretrain.model.export import hf_config_dict
-from lm_pretrain.recipe import OptimConfig
+from lm_pretrain.recipe import ModelConfig, OptimConfig
 from lm_pretrain.train.optim import build_optimizer
 
 LOSS_EVERY = 10  # steps between host reads of the loss, as train.log_every does
@@ -64,17 +64,17 @@ class Shape:
     tie_embeddings: bool = True
 
     def decoder_config(self) -> DecoderConfig:
-        intermediate = self.intermediate or default_intermediate_size(self.hidden)
-        return DecoderConfig(
-            vocab_size=self.vocab,
+        """The decoder a recipe with this shape trains (the defaults are from_recipe's)."""
+        model = ModelConfig(
             hidden_size=self.hidden,
             num_layers=self.layers,
             num_heads=self.heads,
-            num_kv_heads=self.kv_heads or self.heads,
-            intermediate_size=intermediate,
+            num_kv_heads=self.kv_heads,
+            intermediate_size=self.intermediate,
             max_seq_len=self.seq,
             tie_embeddings=self.tie_embeddings,
         )
+        return DecoderConfig.from_recipe(model, self.vocab, None, None, None)
 
 
 def shape_from_recipe(path: Path, overrides: list[str] | None = None) -> Shape:
