@@ -121,12 +121,30 @@ class ModelConfig(Section):
         return self
 
 
+class MuonConfig(Section):
+    """Muon for the 2-D hidden matrices (optim.kind: muon). Defaults after Liu et al. 2025 ("Muon is
+    scalable for LLM training"): the update scaled to AdamW's RMS, so optim.lr and a weight decay
+    of 0.1 carry over; adjust_lr original is Keller Jordan's sqrt(max(1, rows/cols)) scaling, for
+    which modded-nanogpt uses an LR near 0.02-0.05."""
+
+    lr: float | None = Field(None, gt=0, description="default: optim.lr")
+    momentum: float = Field(0.95, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(0.1, ge=0)
+    adjust_lr: Literal["match_rms_adamw", "original"] = "match_rms_adamw"
+    ns_steps: int = Field(5, ge=1, description="Newton-Schulz iterations of the orthogonalisation")
+
+
 class OptimConfig(Section):
+    kind: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon for hidden matrices, AdamW (lr, betas) for the rest"
+    )
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null disables clipping")
+    muon: MuonConfig = MuonConfig()
 
 
 class ScheduleConfig(Section):
@@ -303,6 +321,12 @@ class Recipe(Section):
         if self.train.seq_len is not None and self.train.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"train.seq_len {self.train.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}"
+            )
+        if self.optim.kind == "muon" and self.train.distributed == "fsdp":
+            # each process would orthogonalise its shard of a matrix, not the matrix
+            raise ValueError(
+                "optim.kind muon orthogonalises whole matrices, and train.distributed fsdp shards them "
+                "across processes; use train.distributed=ddp with muon (or optim.kind=adamw with fsdp)"
             )
         micro = self.train.micro_batch_size
         if micro is not None and self.train.batch_size % micro:

@@ -26,7 +26,7 @@ from lm_pretrain.train import sharding
 from lm_pretrain.train.callbacks import Callback
 from lm_pretrain.train.checkpoint import rng_state, save_checkpoint
 from lm_pretrain.train.forward import forward_loss, validation_loss
-from lm_pretrain.train.optim import apply_update
+from lm_pretrain.train.optim import apply_update, set_learning_rates
 from lm_pretrain.train.schedule import Schedule
 from lm_pretrain.train.signals import StopFlag, StopVote
 from lm_pretrain.train.state import TrainState
@@ -144,9 +144,9 @@ class Trainer:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.recipe.optim.grad_clip or math.inf)
         grad_norm = sharding.full(grad_norm)  # under FSDP a replicated DTensor
         # the schedule is a pure function of the step: the step is all the state it has
-        self.lr = self.recipe.optim.lr * self.schedule(self.state.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+        ratio = self.schedule(self.state.step)
+        self.lr = self.recipe.optim.lr * ratio
+        set_learning_rates(self.optimizer, ratio, self.recipe.optim.lr)
         return step_loss, apply_update(self.optimizer, accelerator, grad_norm, step_loss)
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:

@@ -1,26 +1,131 @@
-"""The optimizer and its update step."""
+"""The optimizer and its update step: AdamW, or Muon for the hidden matrices beside AdamW."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 
+from lm_pretrain.errors import LmpError
 from lm_pretrain.recipe import OptimConfig
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms), fused where the device supports it."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def _adamw(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.AdamW:
     kwargs = dict(lr=optim.lr, betas=optim.betas, eps=optim.eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, **kwargs)
+
+
+def muon_parameters(model: torch.nn.Module) -> list[str]:
+    """The names of the parameters Muon updates: the 2-D matrices inside the blocks (attention
+    and MLP projections). Embeddings, the output head and norms stay on AdamW."""
+    return [
+        n for n, p in model.named_parameters() if p.requires_grad and p.dim() == 2 and ".layers." in f".{n}"
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not norms), fused where the device supports it;
+    with optim.kind muon, Muon for the hidden matrices (muon_parameters) and that AdamW for the
+    rest. Each group keeps its peak LR as "initial_lr", which the schedule scales."""
+    in_muon = set(muon_parameters(model)) if optim.kind == "muon" else set()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n not in in_muon]
+    adamw = _adamw(
+        [
+            {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": optim.weight_decay},
+            {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        optim,
+    )
+    for group in adamw.param_groups:
+        group["initial_lr"] = optim.lr
+    if optim.kind == "adamw":
+        return adamw
+    muon_cls = getattr(torch.optim, "Muon", None)
+    if muon_cls is None:
+        raise LmpError(
+            f"optim.kind muon needs torch.optim.Muon, in PyTorch 2.9 and newer (this is {torch.__version__}); "
+            "upgrade torch or use optim.kind=adamw"
+        )
+    m = optim.muon
+    matrices = [p for n, p in model.named_parameters() if n in in_muon]
+    muon = muon_cls(
+        matrices,
+        lr=m.lr or optim.lr,
+        weight_decay=m.weight_decay,
+        momentum=m.momentum,
+        nesterov=m.nesterov,
+        ns_steps=m.ns_steps,
+        adjust_lr_fn=m.adjust_lr,
+    )
+    for group in muon.param_groups:
+        group["initial_lr"] = m.lr or optim.lr
+    return MuonWithAdamW(muon, adamw)
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Two optimizers stepped as one: Muon's groups first, then AdamW's. Its state_dict is one
+    ordinary optimizer state (parameters numbered across both), so checkpoints, Accelerate and
+    averaging see a single optimizer."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.muon, self.adamw = muon, adamw
+        params = [p for opt in (muon, adamw) for group in opt.param_groups for p in group["params"]]
+        super().__init__(params, defaults={})
+        self._share_groups()
+
+    def _share_groups(self) -> None:
+        # the same group dicts as the inner optimizers, so setting "lr" here sets theirs
+        self.param_groups = [*self.muon.param_groups, *self.adamw.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def _muon_count(self) -> int:
+        return sum(len(group["params"]) for group in self.muon.param_groups)
+
+    def state_dict(self) -> dict[str, Any]:
+        first, second = self.muon.state_dict(), self.adamw.state_dict()
+        offset = self._muon_count()
+        return {
+            "state": {**first["state"], **{i + offset: s for i, s in second["state"].items()}},
+            "param_groups": [
+                *first["param_groups"],
+                *({**g, "params": [i + offset for i in g["params"]]} for g in second["param_groups"]),
+            ],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups, offset = state_dict["param_groups"], self._muon_count()
+        n = len(self.muon.param_groups)
+        if len(groups) != n + len(self.adamw.param_groups) or "momentum" not in groups[0]:
+            raise LmpError(
+                "the checkpoint's optimizer state is not Muon's beside AdamW's (optim.kind changed?); "
+                "resume with the optim.kind it was trained with"
+            )
+        state = state_dict["state"]
+        self.muon.load_state_dict(
+            {"state": {i: s for i, s in state.items() if int(i) < offset}, "param_groups": groups[:n]}
+        )
+        self.adamw.load_state_dict(
+            {
+                "state": {int(i) - offset: s for i, s in state.items() if int(i) >= offset},
+                "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in groups[n:]],
+            }
+        )
+        self._share_groups()
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, ratio: float, peak_lr: float) -> None:
+    """Each group at `ratio` of its peak LR (the schedule's value at this step); `peak_lr` for
+    groups that carry none (optimizer states of earlier releases)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", peak_lr) * ratio
 
 
 def apply_update(
@@ -32,7 +137,7 @@ def apply_update(
     """The optimizer step, skipped when the loss or the gradients are not finite (so no NaN
     reaches the weights). Returns that verdict as a device tensor, without waiting for the device:
     fused AdamW skips on the device (its found_inf input), and under fp16 the loss scaler does.
-    Only a non-fused optimizer makes the host read the verdict (free on CPU).
+    Only a non-fused optimizer (Muon among them) makes the host read the verdict (free on CPU).
     """
     if accelerator.scaler is not None:
         # fp16: the scaler skips a step whose scaled gradients overflowed and lowers its scale,
