@@ -445,6 +445,60 @@ def plot(
     console.print(f"wrote {out}", highlight=False)
 
 
+@app.command()
+@user_errors
+def sweep(
+    recipe: RecipeArg,
+    grid: Annotated[
+        list[str],
+        typer.Option("--grid", help="key.path=value1,value2,... (repeatable: every combination runs)"),
+    ],
+    set_: SetOpt = None,
+    out: Annotated[
+        Path | None, typer.Option(help="folder of the sweep's runs (default runs/<name>-sweep)")
+    ] = None,
+    slurm: Annotated[
+        bool, typer.Option("--slurm", help="write a SLURM array job instead of training here")
+    ] = False,
+) -> None:
+    """Train one run per point of a grid, one after another, then compare them by validation loss."""
+    from lm_pretrain.plot import plot_runs
+    from lm_pretrain.runs import load_run, runs_table
+    from lm_pretrain.sweep import parse_grid, plan_sweep, slurm_script, sort_by_validation
+    from lm_pretrain.train.signals import EXIT_STOPPED
+    from lm_pretrain.train.trainer import train as run_training
+
+    folder, plan = plan_sweep(recipe, set_ or [], parse_grid(grid), out)
+    check_writable(folder, "--out")
+    if slurm:
+        folder.mkdir(parents=True, exist_ok=True)
+        script = folder / "sweep.sbatch"
+        script.write_text(slurm_script(recipe, set_ or [], plan))
+        console.print(
+            f"wrote {script} ({len(plan)} array tasks); submit it with: sbatch {script}", highlight=False
+        )
+        return
+    began = time.perf_counter()
+    for i, (point, loaded, run_dir) in enumerate(plan, start=1):
+        console.rule(f"sweep {i}/{len(plan)}: {point.name}")
+        result = run_training(loaded, run_dir, console=console)
+        if result.stopped_by_signal:
+            console.print(
+                f"sweep stopped in {point.name}; run the same command to resume it", highlight=False
+            )
+            sys.exit(EXIT_STOPPED)
+        if result.already_finished:
+            console.print(f"{point.name} already trained; skipped", highlight=False)
+    found = sort_by_validation([load_run(run_dir) for _, _, run_dir in plan])
+    console.print(runs_table(found, root=folder))
+    plot_runs([run.path for run in found], folder / "sweep.png", warn=lambda m: None)
+    best = found[0].name
+    console.print(
+        f"best: {best} | plot: {folder / 'sweep.png'} | {(time.perf_counter() - began) / 60:.1f} min",
+        highlight=False,
+    )
+
+
 @app.command("merge-checkpoints")
 @user_errors
 def merge_checkpoints(

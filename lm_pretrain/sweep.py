@@ -1,0 +1,120 @@
+"""`lmp sweep`: one run per point of a grid of recipe fields, trained one after another (or as a
+SLURM array job), then compared by validation loss.
+
+Each point is the recipe with `--set` overrides, trained into <out>/<point name> (e.g.
+runs/demo-sweep/lr-0.002_kind-muon), so a stopped sweep resumes where it was: finished runs are
+skipped, a stopped one resumes from its checkpoint. Every point is validated before anything trains.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from lm_pretrain.errors import LmpError
+from lm_pretrain.recipe import Recipe, load_recipe
+from lm_pretrain.runs import Run
+
+
+@dataclass(frozen=True)
+class Point:
+    name: str  # the run folder's name: the grid's field names (last part) and values
+    overrides: tuple[str, ...]  # key=value, as --set takes them
+
+
+def parse_grid(grids: list[str]) -> list[tuple[str, list[str]]]:
+    """`key=v1,v2,...` options as (key, values); LmpError for a malformed or repeated one."""
+    parsed: dict[str, list[str]] = {}
+    for text in grids:
+        key, sep, values = text.partition("=")
+        key = key.strip()
+        chosen = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key or not chosen:
+            raise LmpError(
+                f"--grid {text!r}: expected key.path=value1,value2,..., e.g. --grid optim.lr=1e-3,2e-3"
+            )
+        if key in parsed:
+            raise LmpError(f"--grid {key} is given twice; list all its values in one --grid")
+        if len(set(chosen)) != len(chosen):
+            raise LmpError(f"--grid {key}: a value is listed twice ({', '.join(chosen)})")
+        parsed[key] = chosen
+    if not parsed:
+        raise LmpError("lmp sweep needs at least one --grid key.path=value1,value2")
+    return list(parsed.items())
+
+
+def _label(value: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", value).strip("-") or "x"
+
+
+def grid_points(grid: list[tuple[str, list[str]]]) -> list[Point]:
+    """Every combination of the grid's values, in the order given (the last key varies fastest)."""
+    keys = [key for key, _ in grid]
+    short = [key.rsplit(".", 1)[-1] for key in keys]
+    if len(set(short)) != len(short):
+        short = [key.replace(".", "-") for key in keys]  # e.g. optim.lr and optim.muon.lr
+    points = []
+    for values in itertools.product(*(values for _, values in grid)):
+        name = "_".join(f"{s}-{_label(v)}" for s, v in zip(short, values, strict=True))
+        points.append(Point(name, tuple(f"{k}={v}" for k, v in zip(keys, values, strict=True))))
+    return points
+
+
+def plan_sweep(
+    recipe_path: Path, sets: list[str], grid: list[tuple[str, list[str]]], out: Path | None
+) -> tuple[Path, list[tuple[Point, Recipe, Path]]]:
+    """The sweep folder and, per point, its validated recipe and run folder. Any point the
+    schema refuses stops the sweep here, before anything trains."""
+    base = load_recipe(recipe_path, sets)
+    folder = out or Path("runs") / f"{base.name}-sweep"
+    plan = []
+    for point in grid_points(grid):
+        try:
+            recipe = load_recipe(recipe_path, [*sets, *point.overrides, f"name={base.name}-{point.name}"])
+        except LmpError as exc:
+            raise LmpError(f"sweep point {point.name}: {exc}") from None
+        plan.append((point, recipe, folder / point.name))
+    return folder, plan
+
+
+def sort_by_validation(runs: list[Run]) -> list[Run]:
+    """Best first: by the lowest validation loss each run reached; runs without one last."""
+    from lm_pretrain.runs import best_val_loss
+
+    def key(run: Run) -> tuple[bool, float]:
+        best = best_val_loss(run)
+        return (best is None, best[0] if best else 0.0)
+
+    return sorted(runs, key=key)
+
+
+def slurm_script(recipe_path: Path, sets: list[str], plan: list[tuple[Point, Recipe, Path]]) -> str:
+    """An sbatch array job, one task per point, each through scripts/slurm/launch.sh (so each
+    point saves and requeues on its time limit like any lmp SLURM run)."""
+    header = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "train.sbatch"
+    sbatch = [line for line in header.read_text().splitlines() if line.startswith("#SBATCH")]
+    sbatch = [line.replace("--job-name=lmp-train", "--job-name=lmp-sweep") for line in sbatch]
+    sbatch.append(f"#SBATCH --array=0-{len(plan) - 1}")
+    cases = []
+    for i, (point, _, run_dir) in enumerate(plan):
+        args = [arg for item in (*sets, *point.overrides) for arg in ("--set", item)]
+        args += ["--out", str(run_dir)]
+        cases.append(f"  {i}) args=({shlex.join(args)}) ;;")
+    return "\n".join(
+        [
+            "#!/usr/bin/env bash",
+            f"# lmp sweep: {len(plan)} runs of {recipe_path}, one array task each. Submit from the repository root:",
+            "#   sbatch <this file>",
+            *sbatch,
+            "set -euo pipefail",
+            'case "${SLURM_ARRAY_TASK_ID:?not a SLURM array task}" in',
+            *cases,
+            '  *) echo "no sweep point ${SLURM_ARRAY_TASK_ID}" >&2; exit 2 ;;',
+            "esac",
+            f'exec "${{SLURM_SUBMIT_DIR:-.}}/scripts/slurm/launch.sh" {shlex.quote(str(recipe_path))} "${{args[@]}}"',
+            "",
+        ]
+    )
