@@ -184,6 +184,11 @@ class TrainConfig(Section):
     batch_size: int = Field(16, ge=1, description="sequences per optimizer step, across all processes")
     micro_batch_size: int | None = Field(None, ge=1, description="per process and forward pass")
     seq_len: int | None = Field(None, ge=8, description="training sequence length; default model.max_seq_len")
+    seq_len_schedule: list[tuple[float, int]] | None = Field(
+        None,
+        description="[[fraction of training, length], ...]: train at each length until that fraction, "
+        "tokens per step kept (more, shorter sequences); e.g. [[0.6, 128], [0.8, 256], [1.0, 512]]",
+    )
     max_steps: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
@@ -328,6 +333,20 @@ class Recipe(Section):
                 "optim.kind muon orthogonalises whole matrices, and train.distributed fsdp shards them "
                 "across processes; use train.distributed=ddp with muon (or optim.kind=adamw with fsdp)"
             )
+        stages = self.train.seq_len_schedule
+        if stages is not None:
+            fractions = [f for f, _ in stages]
+            if not stages or fractions != sorted(set(fractions)) or fractions[-1] != 1 or fractions[0] <= 0:
+                raise ValueError(
+                    f"train.seq_len_schedule {stages}: stage ends must rise from above 0 to 1.0, e.g. "
+                    "[[0.6, 128], [0.8, 256], [1.0, 512]]"
+                )
+            odd = [length for _, length in stages if length < 8 or self.seq_len % length]
+            if odd:
+                raise ValueError(
+                    f"train.seq_len_schedule length {odd[0]} must divide train.seq_len {self.seq_len} (the "
+                    "length that sets the tokens per step), so that each step keeps its tokens"
+                )
         micro = self.train.micro_batch_size
         if micro is not None and self.train.batch_size % micro:
             raise ValueError(

@@ -107,6 +107,16 @@ class PackedWindows:
         self.__dict__.update(state)
 
 
+def seq_len_stages(schedule: list[tuple[float, int]], steps: int) -> list[tuple[int, int]]:
+    """train.seq_len_schedule as (first step after the stage, length) over `steps` steps."""
+    return [(round(fraction * steps), length) for fraction, length in schedule]
+
+
+def length_at(stages: list[tuple[int, int]], step: int) -> int:
+    """The sequence length of `step` (0-based) under seq_len_stages; the last stage's beyond."""
+    return next((length for end, length in stages if step < end), stages[-1][1])
+
+
 class TrainBatches(torch.utils.data.IterableDataset):
     """One process's micro-batches, in training order, from a resume point to the last step.
 
@@ -114,6 +124,11 @@ class TrainBatches(torch.utils.data.IterableDataset):
     same split of the global batch as DDP. Before `meta_until` tokens the metadata-prefixed windows
     are used (MeCo); with a masker, rows become masked next-token rows. Items are
     (inputs, targets) or (inputs, targets, bidirectional rows).
+
+    With a sequence-length schedule (`stages`, windows per length in `stage_windows`) a step at
+    length L takes seq_len / L times the sequences, so every step keeps its tokens; its samples are
+    numbered step x batch_size x seq_len / L in the windows of length L, where the same fraction of
+    an epoch has passed as in tokens. Every step is a pure function of (seed, step).
     """
 
     def __init__(
@@ -131,6 +146,8 @@ class TrainBatches(torch.utils.data.IterableDataset):
         meta_windows: PackedWindows | None = None,
         meta_until: int = 0,
         masker: MntpMasker | None = None,
+        stages: list[tuple[int, int]] | None = None,
+        stage_windows: dict[int, tuple[PackedWindows, PackedWindows | None]] | None = None,
     ) -> None:
         self.windows, self.meta_windows, self.meta_until = windows, meta_windows, meta_until
         self.micro, self.accum, self.batch_size, self.rank, self.seq_len = (
@@ -146,18 +163,29 @@ class TrainBatches(torch.utils.data.IterableDataset):
             main_steps,
         )  # start: step, samples, tokens
         self.masker = masker
+        self.stages, self.stage_windows = stages, stage_windows
+
+    def _layout(self, step: int, samples: int) -> tuple[PackedWindows, PackedWindows | None, int, int]:
+        """(windows, metadata windows, micro-batch rows, first sample) of `step`."""
+        if self.stages is None:
+            return self.windows, self.meta_windows, self.micro, samples
+        length = length_at(self.stages, step)
+        factor = self.seq_len // length
+        windows, meta = self.stage_windows[length]
+        return windows, meta, self.micro * factor, step * self.batch_size * factor
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         step, samples, tokens = self.start
         while step < self.last_step:
-            source = self.meta_windows if tokens < self.meta_until else self.windows
-            first = samples + self.rank * self.micro * self.accum
+            windows, meta, micro, step_first = self._layout(step, samples)
+            source = meta if tokens < self.meta_until else windows
+            first = step_first + self.rank * micro * self.accum
             for i in range(self.accum):
-                inputs, targets = source.batch(first + i * self.micro, self.micro)
+                inputs, targets = source.batch(first + i * micro, micro)
                 if self.masker is None:
                     yield inputs, targets
                 else:
-                    yield self.masker.batch(inputs, targets, first + i * self.micro, step / self.main_steps)
+                    yield self.masker.batch(inputs, targets, first + i * micro, step / self.main_steps)
             step, samples, tokens = (
                 step + 1,
                 samples + self.batch_size,

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -25,6 +26,7 @@ from lm_pretrain.data.loader import (
     PackedWindows,
     TrainBatches,
     close_loader,
+    seq_len_stages,
     train_loader,
     validation_batches,
 )
@@ -54,6 +56,7 @@ from lm_pretrain.train.callbacks.metrics import StepMetrics
 from lm_pretrain.train.callbacks.milestones import Milestones
 from lm_pretrain.train.callbacks.nonfinite import NonFiniteSteps
 from lm_pretrain.train.callbacks.progress_plot import ProgressPlot
+from lm_pretrain.train.callbacks.sequence_lengths import SequenceLengths
 from lm_pretrain.train.callbacks.zero_shot import ZeroShotEval
 from lm_pretrain.train.checkpoint import (
     Checkpoint,
@@ -254,6 +257,7 @@ def _train(
         masker is not None,
         meco_cooldown,
         console if is_main else None,
+        main_steps,
     )
     callbacks += extra_callbacks
     if is_main:
@@ -270,6 +274,7 @@ def _train(
         windows, micro=micro, accum=accum, batch_size=cfg.batch_size, rank=accelerator.process_index,
         seq_len=seq_len, start=(state.step, state.samples, state.tokens), last_step=steps,
         main_steps=main_steps, meta_windows=meta_windows, meta_until=meta_until, masker=masker,
+        **_length_stages(recipe, data, ids["bos"], main_steps),
     )  # fmt: skip
     loader = train_loader(batches, cfg.data_worker, pin_memory=accelerator.device.type == "cuda")
     cleanup.callback(close_loader, loader)
@@ -434,6 +439,7 @@ def _callbacks(
     masked: bool,
     meco_cooldown: int | None,
     console: Console | None,
+    main_steps: int,
 ) -> list[Callback]:
     """lmp's own callbacks for this recipe, in the order they run (console: the main process's)."""
     callbacks: list[Callback] = [NonFiniteSteps(device), StepMetrics(device)]
@@ -453,6 +459,8 @@ def _callbacks(
         callbacks.append(ZeroShotEval(evaluator, recipe.eval.every or recipe.train.eval_every))
     if meco_cooldown is not None:
         callbacks.append(MecoCooldown(meco_cooldown))
+    if recipe.train.seq_len_schedule is not None:
+        callbacks.append(SequenceLengths(seq_len_stages(recipe.train.seq_len_schedule, main_steps)))
     return [*callbacks, ProgressPlot(), Milestones()]
 
 
@@ -493,3 +501,21 @@ def _run_line(
         f"({steps * batch / windows.windows_per_epoch:.2f} epochs) | {accelerator.device}, "
         f"{recipe.train.precision}, {accelerator.num_processes} process(es), accumulation {accum}"
     )
+
+
+def _length_stages(recipe: Recipe, data: PreparedData, bos: int | None, main_steps: int) -> dict[str, Any]:
+    """TrainBatches' stages and windows per length for train.seq_len_schedule (none without)."""
+    schedule = recipe.train.seq_len_schedule
+    if schedule is None:
+        return {}
+    meta = data.train_meta
+    windows = {}
+    for _, length in schedule:
+        plain = PackedWindows(data.train.tokens, length, recipe.seed, bos)
+        prefixed = None
+        if meta is not None:
+            prefixed = PackedWindows(
+                meta.tokens, length, recipe.seed, bos, meta.doc_offsets, meta.prefix_lengths
+            )
+        windows[length] = (plain, prefixed)
+    return {"stages": seq_len_stages(schedule, main_steps), "stage_windows": windows}
