@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from lm_pretrain.errors import LmpError, check_writable
 from lm_pretrain.eval.tasks import ALL_TASKS
-from lm_pretrain.run_folder import BRANCH_FILE, STATUS_FILE
+from lm_pretrain.run_folder import BRANCH_FILE
 from lm_pretrain.train.schedule import SCHEDULE_KINDS
 
 if TYPE_CHECKING:
@@ -100,24 +100,6 @@ def output_file(path: Path, option: str, suffixes: tuple[str, ...] = ()) -> Path
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
 
 
-def _launch_processes(nproc: int, command: list[str]) -> int:
-    """Run `python <command>` in `nproc` processes through torch's launcher (as accelerate launch
-    does); the exit code of the first process that failed, else 0. The launcher's own traceback
-    is left out: each process has printed its error already."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser
-    from torch.distributed.run import run as launch
-
-    launch_args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", *command])
-    try:
-        launch(launch_args)
-    except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        err_console.print(f"[bold red]error:[/] training process {rank} exited with code {failure.exitcode}")
-        return failure.exitcode if failure.exitcode > 0 else 1
-    return 0
-
-
 @app.command()
 @user_errors
 def train(
@@ -145,11 +127,9 @@ def train(
     A run folder that already holds checkpoints is resumed from the newest one. SIGTERM or
     SIGUSR1 stops after the current step with a checkpoint and exit code 75.
     """
-    from lm_pretrain.data.prepare import prepare_data
     from lm_pretrain.recipe import load_recipe
-    from lm_pretrain.train.forward import split_batch
     from lm_pretrain.train.signals import EXIT_STOPPED
-    from lm_pretrain.train.start import Branch, plan_start
+    from lm_pretrain.train.start import Branch
     from lm_pretrain.train.trainer import train as run_training
 
     loaded = load_recipe(recipe, set_)
@@ -167,24 +147,16 @@ def train(
         print(run_dir)
         return
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        # the same command once per process, through torch's own launcher (as accelerate launch does)
-        args = [str(recipe), *[x for item in set_ or [] for x in ("--set", item)], "--out", str(run_dir)]
-        args += ["--resume"] if resume else []
-        args += ["--branch-from", str(branch_from)] if branch_from else []
-        args += ["--decay-steps", str(decay_steps)] if decay_steps is not None else []
-        args += ["--decay-fraction", str(decay_fraction)] if decay_fraction is not None else []
-        # refusals and data errors once, here, rather than once per process behind tracebacks;
-        # the processes then find the tokenizer and shards in the cache
-        split_batch(loaded.train, nproc, f"--nproc {nproc}")
-        plan_start(loaded, run_dir, branch, resume)
-        prepare_data(loaded, console=console)
-        os.environ["LMP_DATA_REPORTED"] = "1"  # the processes need not print the data report again
-        code = _launch_processes(nproc, ["-m", "lm_pretrain.cli", "train", *args])
-        status = run_dir / STATUS_FILE
-        # the launcher reports any worker's non-zero exit as a failure; a stop keeps its own code
-        if code and status.is_file() and json.loads(status.read_text()).get("state") == "stopped":
-            code = EXIT_STOPPED
-        sys.exit(code)
+        from lm_pretrain.launch import launch_processes
+
+        options = [x for item in set_ or [] for x in ("--set", item)] + ["--out", str(run_dir)]
+        options += ["--resume"] if resume else []
+        options += ["--branch-from", str(branch_from)] if branch_from else []
+        options += ["--decay-steps", str(decay_steps)] if decay_steps is not None else []
+        options += ["--decay-fraction", str(decay_fraction)] if decay_fraction is not None else []
+        sys.exit(
+            launch_processes(nproc, recipe, options, loaded, run_dir, branch, resume, console, err_console)
+        )
     began = time.perf_counter()
     try:
         result = run_training(loaded, run_dir, console=console, branch=branch, resume=resume)
@@ -462,41 +434,9 @@ def sweep(
     ] = False,
 ) -> None:
     """Train one run per point of a grid, one after another, then compare them by validation loss."""
-    from lm_pretrain.plot import plot_runs
-    from lm_pretrain.runs import load_run, runs_table
-    from lm_pretrain.sweep import parse_grid, plan_sweep, slurm_script, sort_by_validation
-    from lm_pretrain.train.signals import EXIT_STOPPED
-    from lm_pretrain.train.trainer import train as run_training
+    from lm_pretrain.sweep import run_sweep
 
-    folder, plan = plan_sweep(recipe, set_ or [], parse_grid(grid), out)
-    check_writable(folder, "--out")
-    if slurm:
-        folder.mkdir(parents=True, exist_ok=True)
-        script = folder / "sweep.sbatch"
-        script.write_text(slurm_script(recipe, set_ or [], plan))
-        console.print(
-            f"wrote {script} ({len(plan)} array tasks); submit it with: sbatch {script}", highlight=False
-        )
-        return
-    began = time.perf_counter()
-    for i, (point, loaded, run_dir) in enumerate(plan, start=1):
-        console.rule(f"sweep {i}/{len(plan)}: {point.name}")
-        result = run_training(loaded, run_dir, console=console)
-        if result.stopped_by_signal:
-            console.print(
-                f"sweep stopped in {point.name}; run the same command to resume it", highlight=False
-            )
-            sys.exit(EXIT_STOPPED)
-        if result.already_finished:
-            console.print(f"{point.name} already trained; skipped", highlight=False)
-    found = sort_by_validation([load_run(run_dir) for _, _, run_dir in plan])
-    console.print(runs_table(found, root=folder))
-    plot_runs([run.path for run in found], folder / "sweep.png", warn=lambda m: None)
-    best = found[0].name
-    console.print(
-        f"best: {best} | plot: {folder / 'sweep.png'} | {(time.perf_counter() - began) / 60:.1f} min",
-        highlight=False,
-    )
+    run_sweep(recipe, grid, set_ or [], out, slurm, console)
 
 
 @app.command("merge-checkpoints")

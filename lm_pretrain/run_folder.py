@@ -15,10 +15,14 @@ progress.png    the run's curves, redrawn at each validation
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import re
+import socket
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +139,25 @@ def root_run(run_dir: Path) -> Path:
             break
         seen.add(run_dir)
     return run_dir
+
+
+def lock_run_folder(run_dir: Path, cleanup: ExitStack) -> None:
+    """Hold run_dir/.lock while training: a second `lmp train` into the same folder would
+    resume from checkpoints the first is still writing and interleave both logs. A POSIX lock:
+    the kernel drops it when this process ends, however it ends, and forked children (the data
+    worker, which may outlive a killed trainer by seconds) do not hold it."""
+    handle = cleanup.enter_context((run_dir / LOCK_FILE).open("a+"))
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            return  # a filesystem without locks (some network mounts): train unguarded
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        raise LmpError(
+            f"{run_dir} is in use by another lmp train ({holder}); wait for it to end or stop it "
+            "(it saves a checkpoint on SIGTERM), or train into another folder with --out"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()

@@ -11,10 +11,14 @@ from __future__ import annotations
 import itertools
 import re
 import shlex
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lm_pretrain.errors import LmpError
+from rich.console import Console
+
+from lm_pretrain.errors import LmpError, check_writable
 from lm_pretrain.recipe import Recipe, load_recipe
 from lm_pretrain.runs import Run
 
@@ -117,4 +121,44 @@ def slurm_script(recipe_path: Path, sets: list[str], plan: list[tuple[Point, Rec
             f'exec "${{SLURM_SUBMIT_DIR:-.}}/scripts/slurm/launch.sh" {shlex.quote(str(recipe_path))} "${{args[@]}}"',
             "",
         ]
+    )
+
+
+def run_sweep(
+    recipe: Path, grid: list[str], sets: list[str], out: Path | None, slurm: bool, console: Console
+) -> None:
+    """lmp sweep: validate every point, then write the SLURM array job or train the points here
+    (exit 75 when a signal stopped one: the same command resumes), then the table and plot."""
+    from lm_pretrain.plot import plot_runs
+    from lm_pretrain.runs import load_run, runs_table
+    from lm_pretrain.train.signals import EXIT_STOPPED
+    from lm_pretrain.train.trainer import train
+
+    folder, plan = plan_sweep(recipe, sets, parse_grid(grid), out)
+    check_writable(folder, "--out")
+    if slurm:
+        folder.mkdir(parents=True, exist_ok=True)
+        script = folder / "sweep.sbatch"
+        script.write_text(slurm_script(recipe, sets, plan))
+        console.print(
+            f"wrote {script} ({len(plan)} array tasks); submit it with: sbatch {script}", highlight=False
+        )
+        return
+    began = time.perf_counter()
+    for i, (point, loaded, run_dir) in enumerate(plan, start=1):
+        console.rule(f"sweep {i}/{len(plan)}: {point.name}")
+        result = train(loaded, run_dir, console=console)
+        if result.stopped_by_signal:
+            console.print(
+                f"sweep stopped in {point.name}; run the same command to resume it", highlight=False
+            )
+            sys.exit(EXIT_STOPPED)
+        if result.already_finished:
+            console.print(f"{point.name} already trained; skipped", highlight=False)
+    found = sort_by_validation([load_run(run_dir) for _, _, run_dir in plan])
+    console.print(runs_table(found, root=folder))
+    plot_runs([run.path for run in found], folder / "sweep.png", warn=lambda m: None)
+    minutes = (time.perf_counter() - began) / 60
+    console.print(
+        f"best: {found[0].name} | plot: {folder / 'sweep.png'} | {minutes:.1f} min", highlight=False
     )

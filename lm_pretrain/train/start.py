@@ -4,11 +4,6 @@ checkpoint continues on the same data."""
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import os
-import socket
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +16,6 @@ from lm_pretrain.recipe import Recipe, load_recipe, recipe_changes
 from lm_pretrain.run_folder import (
     BRANCH_FILE,
     FINAL_DIR,
-    LOCK_FILE,
     RECIPE_FILE,
     STATE_FILE,
     SUMMARY_FILE,
@@ -174,28 +168,6 @@ def check_same_data(checkpoint: Path, state: dict, data: PreparedData, recipe: R
             "documents changed since the run started), so the run cannot continue where it stopped. "
             "Restore the corpus, or train on the new one into a new folder with --out"
         )
-
-
-def lock_run_folder(run_dir: Path, cleanup: ExitStack) -> None:
-    """Hold run_dir/.lock while training: a second `lmp train` into the same folder would
-    resume from checkpoints the first is still writing and interleave both logs. A POSIX lock:
-    the kernel drops it when this process ends, however it ends, and forked children (the data
-    worker, which may outlive a killed trainer by seconds) do not hold it."""
-    handle = cleanup.enter_context((run_dir / LOCK_FILE).open("a+"))
-    try:
-        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EAGAIN):
-            return  # a filesystem without locks (some network mounts): train unguarded
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        raise LmpError(
-            f"{run_dir} is in use by another lmp train ({holder}); wait for it to end or stop it "
-            "(it saves a checkpoint on SIGTERM), or train into another folder with --out"
-        ) from None
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
 
 
 def lr_jump_warning(before: Recipe, schedule: Schedule, step: int, words_per_token: float) -> str | None:

@@ -44,6 +44,7 @@ from lm_pretrain.run_folder import (
     STATUS_FILE,
     SUMMARY_FILE,
     TOKENIZER_DIR,
+    lock_run_folder,
     write_atomic,
     write_status,
 )
@@ -82,7 +83,6 @@ from lm_pretrain.train.start import (
     Branch,
     StartPlan,
     check_same_data,
-    lock_run_folder,
     lr_jump_warning,
     plan_start,
     run_length,
