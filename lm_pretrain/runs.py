@@ -359,6 +359,10 @@ def run_row(run: Run) -> dict[str, Any]:
         "best_val_loss": best[0] if best else None,
         "best_val_step": best[1] if best else None,
         "evals": latest_evals(run),
+        "val_loss_by_source": {
+            key.removeprefix("val_loss/"): run.last(key)
+            for key in sorted({k for r in run.records for k in r if k.startswith("val_loss/")})
+        },
         "state": run_state(run),
         "error": (run.status or {}).get("error"),
         "parent": str(run.parent) if run.parent else None,

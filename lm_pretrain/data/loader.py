@@ -304,3 +304,17 @@ def validation_batches(
     return [
         split_inputs_targets(rows_t[i : i + batch_size], bos_token_id) for i in range(0, count, batch_size)
     ]
+
+
+def validation_sources(
+    doc_offsets: np.ndarray, doc_sources: np.ndarray, seq_len: int, batches: list
+) -> list[torch.Tensor]:
+    """For validation_batches, each target position's source index (that of its document)."""
+    out, window = [], 0
+    for inputs, *_ in batches:
+        rows = np.arange(window, window + len(inputs))
+        positions = rows[:, None] * seq_len + 1 + np.arange(seq_len)[None, :]  # the targets' tokens
+        docs = np.clip(np.searchsorted(doc_offsets, positions, side="right") - 1, 0, len(doc_sources) - 1)
+        out.append(torch.from_numpy(doc_sources[docs].astype(np.int64)))
+        window += len(inputs)
+    return out

@@ -4,6 +4,7 @@ validation loss over fixed windows; the process setup (Accelerate, batch split) 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
@@ -38,6 +39,22 @@ def packing_bos(recipe: Recipe, bos_token_id: int | None) -> int | None:
     return bos_token_id if recipe.data.packing == "document" else None
 
 
+def _attention(
+    inputs: torch.Tensor, bos_token_id: int | None, bidirectional: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(position ids, attention mask, document bounds) for a batch: packed documents kept apart
+    with a BOS id, masked next-token rows attending both ways."""
+    positions = mask = bounds = None
+    if bos_token_id is not None and bidirectional is None and use_varlen_attention(inputs.device):
+        # flash attention per document: no [T, T] mask, and no work across documents
+        positions, bounds = document_positions(inputs, bos_token_id), document_bounds(inputs, bos_token_id)
+    elif bos_token_id is not None:
+        positions, mask = document_masks(inputs, bos_token_id, bidirectional)
+    elif bidirectional is not None:
+        mask = causal_mask(inputs, bidirectional).unsqueeze(1)
+    return positions, mask, bounds
+
+
 def forward_loss(
     model: torch.nn.Module,
     inputs: torch.Tensor,
@@ -49,14 +66,7 @@ def forward_loss(
     in `bidirectional` (masked next-token rows) attend both ways, each objective weighted by its
     share of rows."""
     weights = None if bidirectional is None else objective_weights(targets, bidirectional)
-    positions = mask = bounds = None
-    if bos_token_id is not None and bidirectional is None and use_varlen_attention(inputs.device):
-        # flash attention per document: no [T, T] mask, and no work across documents
-        positions, bounds = document_positions(inputs, bos_token_id), document_bounds(inputs, bos_token_id)
-    elif bos_token_id is not None:
-        positions, mask = document_masks(inputs, bos_token_id, bidirectional)
-    elif bidirectional is not None:
-        mask = causal_mask(inputs, bidirectional).unsqueeze(1)
+    positions, mask, bounds = _attention(inputs, bos_token_id, bidirectional)
     # return_logits=False: the chunked loss, which never holds full-vocabulary logits
     out = model(
         inputs,
@@ -89,6 +99,46 @@ def validation_loss(
         count += n
     model.train()
     return (loss_sum / count).item()
+
+
+@torch.no_grad()
+def validation_loss_by_source(
+    model: torch.nn.Module,
+    batches: list,
+    sources: list[torch.Tensor],
+    names: list[str],
+    accelerator: Accelerator,
+    document_bos: int | None = None,
+) -> dict[str, float]:
+    """Mean causal cross-entropy (nats) per source over the validation windows: `sources` holds
+    each batch's source index per target position. Sources without a scored target are left out."""
+    model.eval()
+    sums = torch.zeros(len(names), dtype=torch.float64, device=accelerator.device)
+    counts = torch.zeros(len(names), dtype=torch.float64, device=accelerator.device)
+    for (inputs, targets), ids in zip(batches, sources, strict=True):
+        inputs, targets, ids = (t.to(accelerator.device) for t in (inputs, targets, ids))
+        positions, mask, bounds = _attention(inputs, document_bos, None)
+        vocab = accelerator.unwrap_model(model).config.vocab_size
+        step = max(1, 2**24 // (inputs.shape[1] * vocab))  # rows whose fp32 logits fit in 64 MiB
+        for first in range(0, len(inputs), step):
+            rows = slice(first, first + step)
+            with accelerator.autocast():
+                logits = model(
+                    inputs[rows],
+                    position_ids=None if positions is None else positions[rows],
+                    attn_mask=None if mask is None else mask[rows],
+                    cu_seqlens=None if bounds is None else document_bounds(inputs[rows], document_bos),
+                ).logits
+            y = targets[rows].reshape(-1)
+            losses = F.cross_entropy(
+                logits.float().flatten(0, 1), y, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            scored = y != IGNORE_INDEX
+            where = ids[rows].reshape(-1)[scored]
+            sums.index_add_(0, where, losses[scored].double())
+            counts.index_add_(0, where, torch.ones_like(where, dtype=torch.float64))
+    model.train()
+    return {name: (sums[i] / counts[i]).item() for i, name in enumerate(names) if counts[i] > 0}
 
 
 def split_batch(cfg: TrainConfig, world: int, processes: str) -> tuple[int, int]:

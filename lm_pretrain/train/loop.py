@@ -25,7 +25,7 @@ from lm_pretrain.track import MetricsSink, TrainProgress
 from lm_pretrain.train import sharding
 from lm_pretrain.train.callbacks import Callback
 from lm_pretrain.train.checkpoint import rng_state, save_checkpoint
-from lm_pretrain.train.forward import forward_loss, validation_loss
+from lm_pretrain.train.forward import forward_loss, validation_loss, validation_loss_by_source
 from lm_pretrain.train.optim import apply_update, set_learning_rates
 from lm_pretrain.train.schedule import Schedule
 from lm_pretrain.train.signals import StopFlag, StopVote
@@ -61,6 +61,9 @@ class Trainer:
     stop: StopFlag
     console: Console
     callbacks: list[Callback] = field(default_factory=list)
+    # per-source validation of corpora with several sources: each batch's target sources, their names
+    val_sources: list[torch.Tensor] | None = None
+    source_names: list[str] = field(default_factory=list)
     lr: float = 0.0
     data_wait: float = 0.0  # seconds spent waiting for batches, reset by the metrics callback
     started: float = 0.0  # perf_counter() at which the run's training time would have been zero
@@ -172,11 +175,34 @@ class Trainer:
     def validation_loss(self, batches: list | None = None) -> float:
         return validation_loss(self.model, batches or self.val_batches, self.accelerator, self.document_bos)
 
-    def validate(self, record: dict[str, Any]) -> None:
-        """The validation loss (and the masked one of hybrid objectives) into state and record."""
+    def validate_before_training(self) -> None:
+        """A new run's step-0 validation loss, the first point of its curves."""
+        record: dict[str, Any] = {}
+        self._score_validation(record)
+        self.state.first_val_loss = self.state.val_loss
+        self.sink.log(record)
+
+    def _score_validation(self, record: dict[str, Any]) -> None:
         state = self.state
         state.val_loss, state.val_loss_step = self.validation_loss(), state.step
         self.record_base(record)["val_loss"] = state.val_loss
+        if self.val_sources is not None:
+            # the same windows, grouped by source (eagerly: a logits pass compile need not trace)
+            by_source = validation_loss_by_source(
+                self.core,
+                self.val_batches,
+                self.val_sources,
+                self.source_names,
+                self.accelerator,
+                self.document_bos,
+            )
+            record.update({f"val_loss/{name}": loss for name, loss in by_source.items()})
+
+    def validate(self, record: dict[str, Any]) -> None:
+        """The validation loss (per source too, and the masked one of hybrid objectives) into
+        state and record."""
+        state = self.state
+        self._score_validation(record)
         message = f"step {state.step}: validation loss {state.val_loss:.4f}"
         if self.val_mntp_batches:
             record["val_mntp_loss"] = self.validation_loss(self.val_mntp_batches)

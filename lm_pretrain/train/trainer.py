@@ -29,6 +29,7 @@ from lm_pretrain.data.loader import (
     seq_len_stages,
     train_loader,
     validation_batches,
+    validation_sources,
 )
 from lm_pretrain.data.masking import VALIDATION_SAMPLES, MntpMasker
 from lm_pretrain.data.prepare import PreparedData, prepare_data
@@ -73,7 +74,6 @@ from lm_pretrain.train.forward import (
     make_accelerator,
     packing_bos,
     split_batch,
-    validation_loss,
 )
 from lm_pretrain.train.loop import SCALER_FILE, Trainer
 from lm_pretrain.train.optim import build_optimizer
@@ -263,11 +263,6 @@ def _train(
     if is_main:
         console.print(_run_line(recipe, core, steps, words_per_token, windows, accelerator, accum))
 
-    if start_from is None:
-        state.first_val_loss = state.val_loss = validation_loss(model, val_batches, accelerator, document_bos)
-        state.val_loss_step = 0
-        sink.log({"step": 0, "tokens": 0, "words": 0, "val_loss": state.val_loss})
-
     for callback in callbacks if start_from is not None else []:
         callback.load_checkpoint(start_from)
     batches = TrainBatches(
@@ -283,8 +278,10 @@ def _train(
         model=model, core=core, optimizer=optimizer, schedule=schedule, state=state, steps=steps,
         accum=accum, batches=loader, windows=windows, words_per_token=words_per_token,
         val_batches=val_batches, val_mntp_batches=val_mntp_batches, document_bos=document_bos,
-        sink=sink, stop=stop, console=console, callbacks=callbacks,
+        sink=sink, stop=stop, console=console, callbacks=callbacks, **_source_validation(data, val_batches),
     )  # fmt: skip
+    if start_from is None:
+        trainer.validate_before_training()
     return _run(trainer, data.unigram_entropy, continued=start_from is not None)
 
 
@@ -519,3 +516,12 @@ def _length_stages(recipe: Recipe, data: PreparedData, bos: int | None, main_ste
             )
         windows[length] = (plain, prefixed)
     return {"stages": seq_len_stages(schedule, main_steps), "stage_windows": windows}
+
+
+def _source_validation(data: PreparedData, val_batches: list) -> dict[str, Any]:
+    """The Trainer's per-source validation for a corpus of several sources (none for one)."""
+    if len(data.val.sources) < 2:
+        return {}
+    val = data.val
+    sources = validation_sources(val.doc_offsets, val.doc_sources, val_batches[0][0].shape[1], val_batches)
+    return {"val_sources": sources, "source_names": list(val.sources)}

@@ -1,0 +1,44 @@
+"""Per-source validation: the validation windows scored per source as well as in total."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_run_args, write_babylm_folder
+from lm_pretrain.cli import app
+from lm_pretrain.data.loader import validation_sources
+
+
+def test_each_target_gets_the_source_of_its_document():
+    import torch
+
+    offsets = np.array([0, 5, 12, 20])  # three documents
+    sources = np.array([2, 0, 1])
+    batches = [(torch.zeros(2, 4), None), (torch.zeros(1, 4), None)]  # windows of 4: targets 1-4, 5-8, 9-12
+    got = validation_sources(offsets, sources, 4, batches)
+    assert got[0].tolist() == [[2, 2, 2, 2], [0, 0, 0, 0]] and got[1].tolist() == [[0, 0, 0, 1]]
+
+
+@pytest.mark.slow
+def test_a_multi_source_run_logs_each_sources_validation_loss(tmp_path):
+    corpus = tmp_path / "babylm"
+    write_babylm_folder(corpus, 60_000)
+    sets = {"data.source_field": None, "data.lines_per_document": 20, "train.eval_every": 4}
+    args = tiny_run_args(corpus, tmp_path / "cache", 4, **sets)
+    result = CliRunner().invoke(app, ["train", *args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validated = [r for r in records if "val_loss" in r and r["step"] == 4][0]
+    per_source = {k.removeprefix("val_loss/"): v for k, v in validated.items() if k.startswith("val_loss/")}
+    assert len(per_source) >= 3 and set(per_source) <= {
+        "childes",
+        "gutenberg",
+        "open_subtitles",
+        "simple_wiki",
+        "bnc_spoken",
+        "switchboard",
+    }
+    # the total lies within the sources' range (it is their token-weighted mean)
+    assert min(per_source.values()) - 1e-3 <= validated["val_loss"] <= max(per_source.values()) + 1e-3
