@@ -14,28 +14,21 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from lm_pretrain.average import WeightAverager
 from lm_pretrain.data.loader import (
     PackedWindows,
     TrainBatches,
     close_loader,
-    seq_len_stages,
     train_loader,
-    validation_batches,
-    validation_sources,
 )
-from lm_pretrain.data.masking import VALIDATION_SAMPLES, MntpMasker
 from lm_pretrain.data.prepare import PreparedData, prepare_data
 from lm_pretrain.data.tokenizer import save_hf_tokenizer, special_token_ids
-from lm_pretrain.errors import LmpError
-from lm_pretrain.model.decoder import Decoder, DecoderConfig
+from lm_pretrain.model.decoder import Decoder
 from lm_pretrain.recipe import Recipe
 from lm_pretrain.run_folder import (
     BRANCH_FILE,
@@ -52,21 +45,10 @@ from lm_pretrain.run_folder import (
 from lm_pretrain.track import MetricsSink, truncate_metrics
 from lm_pretrain.train import sharding
 from lm_pretrain.train.callbacks import Callback
-from lm_pretrain.train.callbacks.averaging import WeightAveraging
-from lm_pretrain.train.callbacks.meco import MecoCooldown
-from lm_pretrain.train.callbacks.metrics import StepMetrics
-from lm_pretrain.train.callbacks.milestones import Milestones
-from lm_pretrain.train.callbacks.nonfinite import NonFiniteSteps
-from lm_pretrain.train.callbacks.progress_plot import ProgressPlot
-from lm_pretrain.train.callbacks.sequence_lengths import SequenceLengths
-from lm_pretrain.train.callbacks.zero_shot import ZeroShotEval
 from lm_pretrain.train.checkpoint import (
-    Checkpoint,
-    load_state_file,
     load_weights,
     publish,
     read_checkpoint,
-    set_rng_state,
     write_model_folder,
 )
 from lm_pretrain.train.compile_check import compiled_or_eager
@@ -75,9 +57,18 @@ from lm_pretrain.train.forward import (
     packing_bos,
     split_batch,
 )
-from lm_pretrain.train.loop import SCALER_FILE, Trainer
+from lm_pretrain.train.loop import Trainer
 from lm_pretrain.train.optim import build_optimizer
 from lm_pretrain.train.schedule import Schedule
+from lm_pretrain.train.setup import (
+    build_model,
+    length_stages,
+    own_callbacks,
+    restore,
+    source_validation,
+    train_windows,
+    validation_sets,
+)
 from lm_pretrain.train.signals import StopFlag
 from lm_pretrain.train.start import (
     Branch,
@@ -211,7 +202,7 @@ def _train(
     ids = special_token_ids(data.tokenizer, recipe.tokenizer)
     tokenizer_dir = run_dir / TOKENIZER_DIR
     set_seed(recipe.seed)
-    model = _build_model(recipe, data, ids)
+    model = build_model(recipe, data, ids)
     fsdp = cfg.distributed == "fsdp"
     if checkpoint is not None:
         load_weights(model, checkpoint, start_from)
@@ -223,7 +214,7 @@ def _train(
     optimizer = build_optimizer(model, recipe.optim)
     state = TrainState(corpus=data.corpus_fingerprint)
     if checkpoint is not None:
-        state = _restore(checkpoint, start_from, optimizer, accelerator, fsdp, data.corpus_fingerprint)
+        state = restore(checkpoint, start_from, optimizer, accelerator, fsdp, data.corpus_fingerprint)
     if is_main:
         if start_from is not None:
             _say_where_it_starts(console, plan, branch, schedule, state.step, words_per_token)
@@ -240,16 +231,16 @@ def _train(
     if cfg.compile:
         model = torch.compile(model)
 
-    windows, meta_windows, meta_until = _train_windows(recipe, data, ids["bos"], steps)
+    windows, meta_windows, meta_until = train_windows(recipe, data, ids["bos"], steps)
     document_bos = packing_bos(recipe, ids["bos"])
-    val_batches, masker, val_mntp_batches = _validation_sets(recipe, data, ids, micro)
+    val_batches, masker, val_mntp_batches = validation_sets(recipe, data, ids, micro)
     if cfg.compile:
         # the batch the training graph sees: masked next-token rows for the hybrid objectives
         batch = (val_mntp_batches or val_batches)[0]
         model = compiled_or_eager(model, eager_model, core, batch, accelerator, document_bos, fsdp, console)
     sink = MetricsSink(run_dir, recipe, enabled=is_main)
     meco_cooldown = meta_until if meta_windows is not None else None
-    callbacks = _callbacks(
+    callbacks = own_callbacks(
         recipe,
         core,
         accelerator.device,
@@ -269,7 +260,7 @@ def _train(
         windows, micro=micro, accum=accum, batch_size=cfg.batch_size, rank=accelerator.process_index,
         seq_len=seq_len, start=(state.step, state.samples, state.tokens), last_step=steps,
         main_steps=main_steps, meta_windows=meta_windows, meta_until=meta_until, masker=masker,
-        **_length_stages(recipe, data, ids["bos"], main_steps),
+        **length_stages(recipe, data, ids["bos"], main_steps),
     )  # fmt: skip
     loader = train_loader(batches, cfg.data_worker, pin_memory=accelerator.device.type == "cuda")
     cleanup.callback(close_loader, loader)
@@ -278,7 +269,7 @@ def _train(
         model=model, core=core, optimizer=optimizer, schedule=schedule, state=state, steps=steps,
         accum=accum, batches=loader, windows=windows, words_per_token=words_per_token,
         val_batches=val_batches, val_mntp_batches=val_mntp_batches, document_bos=document_bos,
-        sink=sink, stop=stop, console=console, callbacks=callbacks, **_source_validation(data, val_batches),
+        sink=sink, stop=stop, console=console, callbacks=callbacks, **source_validation(data, val_batches),
     )  # fmt: skip
     if start_from is None:
         trainer.validate_before_training()
@@ -305,34 +296,6 @@ def _open_run_folder(
     save_hf_tokenizer(data.tokenizer, tokenizer_dir, recipe.tokenizer, recipe.model.max_seq_len)
 
 
-def _validation_sets(
-    recipe: Recipe, data: PreparedData, ids: dict[str, int], micro: int
-) -> tuple[list, MntpMasker | None, list]:
-    """The fixed validation windows, the masker of a masked or hybrid objective, and the masked
-    validation batches: every row masked at the final rate, the same draw every time."""
-    if data.val.n_docs == 0:
-        raise LmpError(
-            f"no document could be held out for validation: the corpus has {data.train.n_docs} "
-            "document(s). Lower data.lines_per_document (or separate documents by blank lines) so "
-            "it splits into more"
-        )
-    val_batches = validation_batches(
-        data.val.tokens, recipe.seq_len, recipe.train.eval_tokens, micro, ids["bos"]
-    )
-    if recipe.objective == "causal":
-        return val_batches, None, []
-    vocab = data.tokenizer.get_vocab_size()
-    masker = MntpMasker(recipe.hybrid, recipe.objective, recipe.seed, ids.values(), ids["mask"], vocab)
-    masked_batches = []
-    for b, (inputs, targets) in enumerate(val_batches):
-        rows = torch.ones(len(inputs), dtype=torch.bool)
-        first = VALIDATION_SAMPLES + b * micro
-        samples = range(first, first + len(inputs))
-        masked = masker.mask_rows(inputs, targets, rows, samples, recipe.hybrid.mask_rate_end)
-        masked_batches.append((*masked, rows))
-    return val_batches, masker, masked_batches
-
-
 def _export_final(trainer: Trainer, model: Decoder, unigram_entropy: float, seconds: float) -> None:
     """final/ (and the callbacks' exports, e.g. final-avg/), then summary.json, written last."""
     state, run_dir = trainer.state, trainer.run_dir
@@ -348,61 +311,6 @@ def _export_final(trainer: Trainer, model: Decoder, unigram_entropy: float, seco
     trainer.emit("on_export")
     summary = {**state.to_dict(), "unigram_entropy": unigram_entropy, "seconds": seconds}
     write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-
-
-def _build_model(recipe: Recipe, data: PreparedData, ids: dict[str, int]) -> Decoder:
-    config = DecoderConfig.from_recipe(
-        recipe.model,
-        vocab_size=data.tokenizer.get_vocab_size(),
-        bos_token_id=ids["bos"],
-        eos_token_id=ids["eos"],
-        pad_token_id=ids["pad"],
-        objective=recipe.objective,
-    )
-    model = Decoder(config)
-    model.activation_checkpointing = recipe.train.activation_checkpointing
-    return model
-
-
-def _restore(
-    checkpoint: Checkpoint,
-    folder: Path,
-    optimizer: torch.optim.Optimizer,
-    accelerator: Accelerator,
-    fsdp: bool,
-    corpus: str,
-) -> TrainState:
-    """Load a checkpoint's optimizer, RNG and loss-scaler state; its TrainState."""
-    if fsdp:
-        sharding.load_full_optimizer_state(optimizer, checkpoint.optimizer_state)
-    else:
-        optimizer.load_state_dict(checkpoint.optimizer_state)
-    if checkpoint.rng is not None:
-        set_rng_state(checkpoint.rng)
-    if accelerator.scaler is not None and (folder / SCALER_FILE).is_file():  # fp16 on GPU
-        accelerator.scaler.load_state_dict(load_state_file(folder / SCALER_FILE))
-    return TrainState.from_dict(checkpoint.state, corpus=corpus)
-
-
-def _train_windows(
-    recipe: Recipe, data: PreparedData, bos: int | None, steps: int
-) -> tuple[PackedWindows, PackedWindows | None, int]:
-    """The training windows; for MeCo also the metadata-prefixed ones and the token count at
-    which the cooldown switches to plain ones (read off the global count, so a resumed run
-    switches at the same step)."""
-    windows = PackedWindows(data.train.tokens, recipe.seq_len, recipe.seed, bos)
-    meta = data.train_meta
-    if meta is None:
-        return windows, None, 0
-    meta_windows = PackedWindows(
-        meta.tokens, recipe.seq_len, recipe.seed, bos, meta.doc_offsets, meta.prefix_lengths
-    )
-    tokens_per_step = recipe.train.batch_size * recipe.seq_len
-    return (
-        windows,
-        meta_windows,
-        round((1 - recipe.data.metadata.cooldown_fraction) * steps) * tokens_per_step,
-    )
 
 
 def _run(trainer: Trainer, unigram_entropy: float, continued: bool) -> TrainResult:
@@ -426,39 +334,6 @@ def _run(trainer: Trainer, unigram_entropy: float, continued: bool) -> TrainResu
         continued=continued,
         stopped_by_signal=stopped,
     )
-
-
-def _callbacks(
-    recipe: Recipe,
-    core: Decoder,
-    device: torch.device,
-    tokenizer_dir: Path,
-    masked: bool,
-    meco_cooldown: int | None,
-    console: Console | None,
-    main_steps: int,
-) -> list[Callback]:
-    """lmp's own callbacks for this recipe, in the order they run (console: the main process's)."""
-    callbacks: list[Callback] = [NonFiniteSteps(device), StepMetrics(device)]
-    if recipe.train.average is not None:
-        a = recipe.train.average
-        averager = WeightAverager(core, a.kind, decay=a.decay, k=a.k, every=a.every)
-        callbacks.append(WeightAveraging(averager, a.kind))
-    if recipe.eval is not None:
-        from lm_pretrain.eval.runner import TrainingEvaluator
-
-        # masked next-token and hybrid models are scored with both backends
-        evaluator = TrainingEvaluator(
-            recipe.eval, tokenizer_dir, ["causal", "mntp"] if masked else ["causal"]
-        )
-        for note in evaluator.notes if console is not None else []:
-            console.print(f"note: {note}", highlight=False)
-        callbacks.append(ZeroShotEval(evaluator, recipe.eval.every or recipe.train.eval_every))
-    if meco_cooldown is not None:
-        callbacks.append(MecoCooldown(meco_cooldown))
-    if recipe.train.seq_len_schedule is not None:
-        callbacks.append(SequenceLengths(seq_len_stages(recipe.train.seq_len_schedule, main_steps)))
-    return [*callbacks, ProgressPlot(), Milestones()]
 
 
 def _say_where_it_starts(
@@ -498,30 +373,3 @@ def _run_line(
         f"({steps * batch / windows.windows_per_epoch:.2f} epochs) | {accelerator.device}, "
         f"{recipe.train.precision}, {accelerator.num_processes} process(es), accumulation {accum}"
     )
-
-
-def _length_stages(recipe: Recipe, data: PreparedData, bos: int | None, main_steps: int) -> dict[str, Any]:
-    """TrainBatches' stages and windows per length for train.seq_len_schedule (none without)."""
-    schedule = recipe.train.seq_len_schedule
-    if schedule is None:
-        return {}
-    meta = data.train_meta
-    windows = {}
-    for _, length in schedule:
-        plain = PackedWindows(data.train.tokens, length, recipe.seed, bos)
-        prefixed = None
-        if meta is not None:
-            prefixed = PackedWindows(
-                meta.tokens, length, recipe.seed, bos, meta.doc_offsets, meta.prefix_lengths
-            )
-        windows[length] = (plain, prefixed)
-    return {"stages": seq_len_stages(schedule, main_steps), "stage_windows": windows}
-
-
-def _source_validation(data: PreparedData, val_batches: list) -> dict[str, Any]:
-    """The Trainer's per-source validation for a corpus of several sources (none for one)."""
-    if len(data.val.sources) < 2:
-        return {}
-    val = data.val
-    sources = validation_sources(val.doc_offsets, val.doc_sources, val_batches[0][0].shape[1], val_batches)
-    return {"val_sources": sources, "source_names": list(val.sources)}
