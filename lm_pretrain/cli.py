@@ -17,11 +17,9 @@ from rich.markup import escape
 
 from lm_pretrain.errors import LmpError, check_writable
 from lm_pretrain.eval.tasks import ALL_TASKS
-from lm_pretrain.run_folder import BRANCH_FILE
-from lm_pretrain.train.schedule import SCHEDULE_KINDS
 
 if TYPE_CHECKING:
-    from lm_pretrain.recipe import Recipe
+    pass
 
 app = typer.Typer(
     help="lmp: pretrain small language models from a YAML recipe.",
@@ -64,17 +62,6 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
-
-
-def _longer_hint(recipe: Recipe) -> str:
-    sched = recipe.schedule
-    if SCHEDULE_KINDS[sched.kind].decays_at_end(sched):
-        return (
-            "Its LR has decayed to the end: a larger train.max_steps moves the decay later, so the LR "
-            "jumps back up when it resumes. To go on at the stable LR, fork a checkpoint from before "
-            "the decay into a new folder (--branch-from CKPT --set train.max_steps=N --out DIR)."
-        )
-    return "To train longer, raise train.max_steps (or max_tokens, max_words_seen) with --set."
 
 
 def output_file(path: Path, option: str, suffixes: tuple[str, ...] = ()) -> Path:
@@ -130,6 +117,7 @@ def train(
     from lm_pretrain.recipe import load_recipe
     from lm_pretrain.train.signals import EXIT_STOPPED
     from lm_pretrain.train.start import Branch
+    from lm_pretrain.train.trainer import finished_message
     from lm_pretrain.train.trainer import train as run_training
 
     loaded = load_recipe(recipe, set_)
@@ -170,36 +158,7 @@ def train(
         sys.exit(EXIT_STOPPED)
     if os.environ.get("RANK", "0") != "0":
         return
-    if result.already_finished:
-        branch_file = run_dir / BRANCH_FILE
-        decay = json.loads(branch_file.read_text()).get("decay_steps") if branch_file.is_file() else None
-        longer = (
-            f"A decay branch's length is set by its decay ({decay} steps): for another decay, branch "
-            "again into a new folder with --out and other --decay-steps / --decay-fraction."
-            if decay is not None
-            else _longer_hint(loaded)
-        )
-        console.print(
-            f"{run_dir} already finished its {result.steps} steps; its model is {run_dir / 'final'}. {longer}",
-            highlight=False,
-        )
-        return
-    first = f"{result.first_val_loss:.4f} -> " if result.first_val_loss is not None else ""
-    prompt = "And God said" if loaded.data.path == "builtin:demo" else "The"  # the demo has the Bible
-    meta = loaded.data.metadata  # a MeCo model is steered by the metadata it was trained with
-    prefix = (
-        f" --prefix '{meta.resolved_template.format(value='<value>')}'".replace("\n", "\\n") if meta else ""
-    )
-    minutes = (time.perf_counter() - began) / 60
-    overall = f" ({result.seconds / 60:.1f} min of training in all)" if result.continued else ""
-    console.print(
-        f"\n[bold green]done[/] in {minutes:.1f} min{overall}: {result.steps} steps, "
-        f"{result.tokens / 1e6:.2f}M tokens\n"
-        f"validation loss {first}{result.final_val_loss:.4f} nats/token "
-        f"(unigram entropy of the training tokens: {result.unigram_entropy:.4f})\n"
-        f"model: {run_dir / 'final'}  (try: lmp generate {run_dir / 'final'} --prompt '{prompt}'{prefix})",
-        highlight=False,
-    )
+    console.print(finished_message(result, loaded, run_dir, time.perf_counter() - began), highlight=False)
 
 
 @app.command()
@@ -373,7 +332,6 @@ def runs(
     json_: Annotated[bool, typer.Option("--json", help="one JSON object per run instead of a table")] = False,
 ) -> None:
     """Table of runs: size, tokens, words, steps, losses, eval scores, state, parent of branches."""
-    import json
 
     from lm_pretrain.runs import find_runs, load_run, run_row, runs_table
 

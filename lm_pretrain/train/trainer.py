@@ -59,7 +59,7 @@ from lm_pretrain.train.forward import (
 )
 from lm_pretrain.train.loop import Trainer
 from lm_pretrain.train.optim import build_optimizer
-from lm_pretrain.train.schedule import Schedule
+from lm_pretrain.train.schedule import SCHEDULE_KINDS, Schedule
 from lm_pretrain.train.setup import (
     build_model,
     length_stages,
@@ -373,3 +373,46 @@ def _run_line(
         f"({steps * batch / windows.windows_per_epoch:.2f} epochs) | {accelerator.device}, "
         f"{recipe.train.precision}, {accelerator.num_processes} process(es), accumulation {accum}"
     )
+
+
+def finished_message(result: TrainResult, recipe: Recipe, run_dir: Path, seconds: float) -> str:
+    """What `lmp train` prints at the end: the losses and what to try next, or, for a run that had
+    finished already, how to train it further."""
+    if result.already_finished:
+        branch_file = run_dir / BRANCH_FILE
+        decay = json.loads(branch_file.read_text()).get("decay_steps") if branch_file.is_file() else None
+        longer = (
+            f"A decay branch's length is set by its decay ({decay} steps): for another decay, branch "
+            "again into a new folder with --out and other --decay-steps / --decay-fraction."
+            if decay is not None
+            else _longer_hint(recipe)
+        )
+        return (
+            f"{run_dir} already finished its {result.steps} steps; its model is {run_dir / 'final'}. {longer}"
+        )
+    first = f"{result.first_val_loss:.4f} -> " if result.first_val_loss is not None else ""
+    prompt = "And God said" if recipe.data.path == "builtin:demo" else "The"  # the demo has the Bible
+    meta = recipe.data.metadata  # a MeCo model is steered by the metadata it was trained with
+    prefix = (
+        f" --prefix '{meta.resolved_template.format(value='<value>')}'".replace("\n", "\\n") if meta else ""
+    )
+    minutes = seconds / 60
+    overall = f" ({result.seconds / 60:.1f} min of training in all)" if result.continued else ""
+    return (
+        f"\n[bold green]done[/] in {minutes:.1f} min{overall}: {result.steps} steps, "
+        f"{result.tokens / 1e6:.2f}M tokens\n"
+        f"validation loss {first}{result.final_val_loss:.4f} nats/token "
+        f"(unigram entropy of the training tokens: {result.unigram_entropy:.4f})\n"
+        f"model: {run_dir / 'final'}  (try: lmp generate {run_dir / 'final'} --prompt '{prompt}'{prefix})"
+    )
+
+
+def _longer_hint(recipe: Recipe) -> str:
+    sched = recipe.schedule
+    if SCHEDULE_KINDS[sched.kind].decays_at_end(sched):
+        return (
+            "Its LR has decayed to the end: a larger train.max_steps moves the decay later, so the LR "
+            "jumps back up when it resumes. To go on at the stable LR, fork a checkpoint from before "
+            "the decay into a new folder (--branch-from CKPT --set train.max_steps=N --out DIR)."
+        )
+    return "To train longer, raise train.max_steps (or max_tokens, max_words_seen) with --set."
