@@ -90,3 +90,20 @@ def test_resume_is_exact_inside_a_stage_and_across_a_stage_change(bible_corpus, 
         assert first.stopped_by_signal and first.steps == stop
         _, resumed = run(bible_corpus, tmp_path, name)
         assert resumed == straight, (stop, resumed, straight)
+
+
+def test_lmp_schedule_shows_where_each_length_starts():
+    from lm_pretrain.train.lr_plot import describe_schedule
+
+    recipe = load_recipe(
+        ROOT / "recipes/demo.yaml", ["train.seq_len_schedule=[[0.6, 64], [0.8, 128], [1.0, 256]]"]
+    )
+    console = Console(record=True, width=120)
+    console.print(describe_schedule(recipe))
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in console.export_text().splitlines()
+        if line.count("│") == 5
+    }
+    assert rows["sequence length 64"] == "0" and rows["sequence length 128"] == "360"
+    assert rows["sequence length 256"] == "480" and rows["last step"] == "599"

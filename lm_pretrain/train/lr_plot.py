@@ -32,7 +32,17 @@ def describe_schedule(recipe: Recipe, png: Path | None = None) -> Table:
     table = Table(title=f"{recipe.schedule.kind} schedule of {recipe.name}: {steps} steps, peak LR {peak:g}")
     for column in ("point", "step", "tokens", "LR"):
         table.add_column(column, justify="left" if column == "point" else "right")
-    for name, step in schedule.key_points():
+    points = schedule.key_points()
+    if recipe.train.seq_len_schedule is not None:  # where each sequence length starts (same tokens per step)
+        from lm_pretrain.data.loader import seq_len_stages
+
+        starts = [0] + [end for end, _ in seq_len_stages(recipe.train.seq_len_schedule, steps)[:-1]]
+        lengths = [length for _, length in recipe.train.seq_len_schedule]
+        points = sorted(
+            points + [(f"sequence length {n}", s) for n, s in zip(lengths, starts, strict=True)],
+            key=lambda p: p[1],
+        )
+    for name, step in points:
         table.add_row(name, f"{step:,}", f"{step * tokens_per_step:,}", f"{peak * schedule(step):.3e}")
     if png is not None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
