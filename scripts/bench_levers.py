@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="1,3", help="multiples of --steps")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="more recipe overrides")
     parser.add_argument("--out", type=Path, default=Path("runs/levers"))
+    parser.add_argument("--arms", default="adamw,muon,adamw+seq_len_schedule", help="a subset of the arms")
     args = parser.parse_args()
     console = Console()
     seq_len = load_recipe(args.recipe, args.sets).seq_len
@@ -62,7 +63,10 @@ def main() -> None:
     for budget in (int(b) for b in args.budgets.split(",")):
         steps = args.steps * budget
         results = {}
+        chosen = args.arms.split(",")
         for arm, overrides in arms(seq_len).items():
+            if arm not in chosen:
+                continue
             sets = [*args.sets, *overrides, f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 20)}",
                     "eval=null", "checkpoint.every=100000"]  # fmt: skip
             folder, plan = plan_sweep(
@@ -78,13 +82,15 @@ def main() -> None:
             console.print(
                 f"x{budget} {arm}: " + ", ".join(f"{r.name} {r.last('val_loss'):.4f}" for r in runs)
             )
-        adamw_curve = val_curve(results["adamw"][0].path)
-        muon_final = results["muon"][0].last("val_loss")
-        reached = next((tokens for tokens, loss in adamw_curve if loss <= muon_final), None)
-        total = adamw_curve[-1][0]
+        reached = total = None
+        if "adamw" in results and "muon" in results:
+            adamw_curve = val_curve(results["adamw"][0].path)
+            muon_final = results["muon"][0].last("val_loss")
+            reached = next((tokens for tokens, loss in adamw_curve if loss <= muon_final), None)
+            total = adamw_curve[-1][0]
         for arm, (run, seconds) in results.items():
             ratio = ""
-            if arm == "muon":
+            if arm == "muon" and total is not None:
                 ratio = f"{reached / total:.2f}" if reached else "not reached"
             lr = run.recipe["optim"]["lr"]
             rows.append((f"x{budget} ({steps} steps)", arm, f"{lr:g}", f"{run.last('val_loss'):.4f}",
