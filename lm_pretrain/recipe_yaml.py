@@ -111,7 +111,12 @@ _RecipeLoader.add_implicit_resolver(
 
 
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    """One YAML document through _RecipeLoader, a SafeLoader: plain values only, never objects."""
+    loader = _RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
