@@ -235,6 +235,12 @@ class HybridConfig(Section):
     tokens are chosen together; a chosen span becomes the mask token, a random token (random_fraction)
     or stays as it is (keep_fraction). The rate of chosen tokens moves linearly from mask_rate_start
     to mask_rate_end over training.
+
+    masking hard (adaptive masking, after Edman & Fraser's AMLM, BabyLM 2025) prefers the tokens the
+    model currently predicts worst: each candidate's chance of being chosen is proportional to
+    (1 - hard_mix) + hard_mix x (its token's recent masked loss / the row's mean), so with hard_mix
+    below 1 every token keeps a floor chance. A token's recent loss is a moving average over the
+    masked targets of earlier steps, halving its memory every hard_half_life steps.
     """
 
     masked_fraction: float = Field(
@@ -245,6 +251,13 @@ class HybridConfig(Section):
     random_fraction: float = Field(0.1, ge=0, le=1)
     keep_fraction: float = Field(0.1, ge=0, le=1)
     max_span: int = Field(3, ge=1, description="chosen spans are 1..max_span tokens long")
+    masking: Literal["random", "hard"] = Field(
+        "random", description="hard: prefer the tokens with the highest recent loss (see hard_mix)"
+    )
+    hard_mix: float = Field(0.5, gt=0, le=1, description="masking hard: weight of hardness against uniform")
+    hard_half_life: int = Field(
+        100, ge=1, description="masking hard: steps over which a loss's weight halves"
+    )
 
     @model_validator(mode="after")
     def _split(self) -> HybridConfig:
@@ -347,6 +360,11 @@ class Recipe(Section):
                     f"train.seq_len_schedule length {odd[0]} must divide train.seq_len {self.seq_len} (the "
                     "length that sets the tokens per step), so that each step keeps its tokens"
                 )
+        if self.hybrid.masking == "hard" and self.objective == "causal":
+            raise ValueError(
+                "hybrid.masking hard chooses which tokens to mask, and objective causal masks none; "
+                "set objective: hybrid (or masked_next_token), or drop hybrid.masking"
+            )
         micro = self.train.micro_batch_size
         if micro is not None and self.train.batch_size % micro:
             raise ValueError(

@@ -1,6 +1,7 @@
 """Does Muon beat AdamW, and does a sequence-length schedule beat a fixed length, at equal tokens?
 
     python scripts/bench_levers.py [--recipe recipes/demo.yaml] [--steps 600] [--lrs 1e-3,2e-3,4e-3]
+                                   [--muon-lrs 2e-3,4e-3,8e-3]
                                    [--budgets 1,3] [--out runs/levers]
 
 Each arm (adamw, muon, adamw + seq_len_schedule) trains the recipe at each LR of --lrs through
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes/demo.yaml")
     parser.add_argument("--steps", type=int, default=600, help="the first budget, in steps")
     parser.add_argument("--lrs", default="1e-3,2e-3,4e-3")
+    parser.add_argument("--muon-lrs", default=None, help="Muon's own LR grid (default: --lrs)")
     parser.add_argument("--budgets", default="1,3", help="multiples of --steps")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="more recipe overrides")
     parser.add_argument("--out", type=Path, default=Path("runs/levers"))
@@ -64,13 +66,17 @@ def main() -> None:
         steps = args.steps * budget
         results = {}
         chosen = args.arms.split(",")
+
+        def lrs(arm: str) -> str:
+            return args.muon_lrs if arm == "muon" and args.muon_lrs else args.lrs
+
         for arm, overrides in arms(seq_len).items():
             if arm not in chosen:
                 continue
             sets = [*args.sets, *overrides, f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 20)}",
                     "eval=null", "checkpoint.every=100000"]  # fmt: skip
             folder, plan = plan_sweep(
-                args.recipe, sets, parse_grid([f"optim.lr={args.lrs}"]), args.out / f"{arm}-x{budget}"
+                args.recipe, sets, parse_grid([f"optim.lr={lrs(arm)}"]), args.out / f"{arm}-x{budget}"
             )
             began = time.perf_counter()
             for _, recipe, run_dir in plan:
@@ -95,7 +101,9 @@ def main() -> None:
             lr = run.recipe["optim"]["lr"]
             rows.append((f"x{budget} ({steps} steps)", arm, f"{lr:g}", f"{run.last('val_loss'):.4f}",
                          f"{best_val_loss(run)[0]:.4f}", f"{seconds / 60:.1f}", ratio))  # fmt: skip
-    table = Table(title=f"{args.recipe.name}: each arm at its best LR of {args.lrs}, equal tokens")
+    table = Table(
+        title=f"{args.recipe.name}: each arm at its best LR of {args.lrs} (Muon: {args.muon_lrs or args.lrs}), equal tokens"
+    )
     for column in (
         "budget",
         "arm",

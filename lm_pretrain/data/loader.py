@@ -182,10 +182,18 @@ class TrainBatches(torch.utils.data.IterableDataset):
             first = step_first + self.rank * micro * self.accum
             for i in range(self.accum):
                 inputs, targets = source.batch(first + i * micro, micro)
+                progress = step / self.main_steps
                 if self.masker is None:
                     yield inputs, targets
+                elif self.masker.hard:  # masked in the training process (MntpMasker.in_training_process)
+                    yield (
+                        inputs,
+                        targets,
+                        torch.tensor(first + i * micro),
+                        torch.tensor(progress, dtype=torch.float64),
+                    )
                 else:
-                    yield self.masker.batch(inputs, targets, first + i * micro, step / self.main_steps)
+                    yield self.masker.batch(inputs, targets, first + i * micro, progress)
             step, samples, tokens = (
                 step + 1,
                 samples + self.batch_size,

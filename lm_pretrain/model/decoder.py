@@ -105,6 +105,8 @@ def default_intermediate_size(hidden_size: int) -> int:
 class DecoderOutput(NamedTuple):
     logits: torch.Tensor | None
     loss: torch.Tensor | None
+    # with return_token_losses: each target's cross-entropy [B*T], detached (0 where ignored)
+    token_losses: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -310,13 +312,15 @@ def chunked_lm_loss(
     targets: torch.Tensor,
     loss_weights: torch.Tensor | None = None,
     chunk_rows: int = LOSS_CHUNK_ROWS,
-) -> torch.Tensor:
+    token_losses: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of (hidden @ weight.T) against targets, positions holding -100 ignored.
 
     Equal to F.cross_entropy(lm_head(hidden).float(), targets) but computed over row chunks, so
     the full [B*T, vocab] logits never exist, neither in forward nor kept for backward. Under
     autocast the matmuls run in autocast's dtype, as lm_head would, and the softmax in fp32.
     With loss_weights (shaped like targets, zero where ignored) the result is the weighted sum.
+    With token_losses, (loss, each target's detached cross-entropy, 0 where ignored).
     """
     h = hidden.reshape(-1, hidden.size(-1))
     t = targets.reshape(-1)
@@ -328,16 +332,18 @@ def chunked_lm_loss(
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _ChunkedLMLoss.apply(h, weight, t, w, denominator, dtype, chunk_rows)
+        loss, losses = _ChunkedLMLoss.apply(h, weight, t, w, denominator, dtype, chunk_rows)
+        return (loss, losses) if token_losses else loss
     with torch.autocast(device, enabled=False):
         hc, wc = h.to(dtype), weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        losses = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
         for start in range(0, h.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
             logits = (hc[rows] @ wc.T).float()
-            losses = F.cross_entropy(logits, t[rows], ignore_index=IGNORE_INDEX, reduction="none")
-            total += (losses * w[rows]).sum()
-    return total / denominator
+            losses[rows] = F.cross_entropy(logits, t[rows], ignore_index=IGNORE_INDEX, reduction="none")
+            total += (losses[rows] * w[rows]).sum()
+    return (total / denominator, losses) if token_losses else total / denominator
 
 
 class _ChunkedLMLoss(torch.autograd.Function):
@@ -352,6 +358,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
             w = w * (targets != IGNORE_INDEX)
             safe = torch.where(targets != IGNORE_INDEX, targets, 0)  # ignored rows: column 0, weight 0
             total = torch.zeros((), dtype=torch.float32, device=h.device)
+            losses = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
             vocab_ids = torch.arange(weight.size(0), device=h.device)
             grad_h = torch.empty_like(hc)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -361,6 +368,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
                 lse = torch.logsumexp(logits, dim=-1)
                 target_logit = logits.gather(1, safe[rows, None]).squeeze(1)
                 total += ((lse - target_logit) * w[rows]).sum()
+                losses[rows] = torch.where(targets[rows] != IGNORE_INDEX, lse - target_logit, 0.0)
                 # d(summed loss)/d(logits) = w * (softmax - one_hot(target)), zero on ignored rows
                 if torch.compiler.is_compiling():
                     # one elementwise expression, which inductor fuses into a single pass that
@@ -376,10 +384,11 @@ class _ChunkedLMLoss(torch.autograd.Function):
                 grad_w += (grad.T @ hc[rows]).float()
         ctx.save_for_backward(grad_h, grad_w, denominator)
         ctx.dtypes = (h.dtype, weight.dtype)
-        return total / denominator
+        ctx.mark_non_differentiable(losses)
+        return total / denominator, losses
 
     @staticmethod
-    def backward(ctx, grad_loss):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_loss, grad_losses):  # noqa: ANN001, ANN205
         grad_h, grad_w, denominator = ctx.saved_tensors
         scale = grad_loss / denominator
         h_dtype, w_dtype = ctx.dtypes
@@ -430,6 +439,7 @@ class Decoder(nn.Module):
         return_logits: bool = True,
         loss_weights: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        return_token_losses: bool = False,
     ) -> DecoderOutput:
         """Logits [B, T, vocab] and, given targets, the mean next-token loss.
 
@@ -441,7 +451,7 @@ class Decoder(nn.Module):
         loss_weights (float, shaped like targets) turn the mean into a weighted sum over targets.
         cu_seqlens (int32 document offsets in the flattened batch, loader.document_bounds) keeps
         packed documents apart with variable-length flash attention instead of a mask: CUDA, bf16
-        or fp16 only (see use_varlen_attention).
+        or fp16 only (see use_varlen_attention). return_token_losses adds each target's loss.
         """
         T = input_ids.shape[1]
         if position_ids is None:
@@ -466,17 +476,29 @@ class Decoder(nn.Module):
 
         if targets is not None and not return_logits:
             # the training path: the loss without ever holding [B*T, vocab] logits
-            loss = chunked_lm_loss(hidden, self.lm_head.weight, targets, loss_weights)
-            return DecoderOutput(logits=None, loss=loss)
+            if return_token_losses:
+                loss, losses = chunked_lm_loss(
+                    hidden, self.lm_head.weight, targets, loss_weights, token_losses=True
+                )
+                return DecoderOutput(logits=None, loss=loss, token_losses=losses)
+            return DecoderOutput(
+                logits=None, loss=chunked_lm_loss(hidden, self.lm_head.weight, targets, loss_weights)
+            )
         logits = self.lm_head(hidden)
-        loss = None
+        loss = token_losses = None
         if targets is not None:
             # fp32 for the softmax: bf16 logits lose too much precision over a large vocabulary
             losses = F.cross_entropy(
                 logits.float().view(-1, logits.size(-1)),
                 targets.reshape(-1),
                 ignore_index=IGNORE_INDEX,
-                reduction="none" if loss_weights is not None else "mean",
+                reduction="none" if loss_weights is not None or return_token_losses else "mean",
             )
-            loss = losses if loss_weights is None else (losses * loss_weights.reshape(-1)).sum()
-        return DecoderOutput(logits=logits, loss=loss)
+            if loss_weights is not None:
+                loss = (losses * loss_weights.reshape(-1)).sum()
+            elif return_token_losses:
+                loss = losses.sum() / (targets != IGNORE_INDEX).sum()
+            else:
+                loss = losses
+            token_losses = losses.detach() if return_token_losses else None
+        return DecoderOutput(logits=logits, loss=loss, token_losses=token_losses)

@@ -17,7 +17,7 @@ from lm_pretrain.data.loader import (
 )
 from lm_pretrain.data.masking import objective_weights
 from lm_pretrain.errors import LmpError
-from lm_pretrain.model.decoder import use_varlen_attention
+from lm_pretrain.model.decoder import DecoderOutput, use_varlen_attention
 from lm_pretrain.recipe import Recipe, TrainConfig
 
 
@@ -65,6 +65,18 @@ def forward_loss(
     """The model's loss on a batch; with a BOS id, packed documents are kept apart. Rows flagged
     in `bidirectional` (masked next-token rows) attend both ways, each objective weighted by its
     share of rows."""
+    return forward(model, inputs, targets, bos_token_id, bidirectional).loss
+
+
+def forward(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    bos_token_id: int | None,
+    bidirectional: torch.Tensor | None = None,
+    token_losses: bool = False,
+) -> DecoderOutput:
+    """forward_loss's model output (no logits), with each target's loss when asked."""
     weights = None if bidirectional is None else objective_weights(targets, bidirectional)
     positions, mask, bounds = _attention(inputs, bos_token_id, bidirectional)
     # return_logits=False: the chunked loss, which never holds full-vocabulary logits
@@ -76,8 +88,9 @@ def forward_loss(
         return_logits=False,
         loss_weights=weights,
         cu_seqlens=bounds,
+        **({"return_token_losses": True} if token_losses else {}),
     )
-    return out.loss
+    return out
 
 
 @torch.no_grad()

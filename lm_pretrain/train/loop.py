@@ -25,7 +25,7 @@ from lm_pretrain.track import MetricsSink, TrainProgress
 from lm_pretrain.train import sharding
 from lm_pretrain.train.callbacks import Callback
 from lm_pretrain.train.checkpoint import rng_state, save_checkpoint
-from lm_pretrain.train.forward import forward_loss, validation_loss, validation_loss_by_source
+from lm_pretrain.train.forward import forward, validation_loss, validation_loss_by_source
 from lm_pretrain.train.optim import apply_update, set_learning_rates
 from lm_pretrain.train.schedule import Schedule
 from lm_pretrain.train.signals import StopFlag, StopVote
@@ -133,6 +133,7 @@ class Trainer:
         was applied (finite), both on the device."""
         accelerator, model = self.accelerator, self.model
         step_loss = torch.zeros((), device=accelerator.device)
+        token_losses = any(callback.needs_token_losses for callback in self.callbacks)
         for i in range(self.accum):
             inputs, targets, *rows = (t.to(accelerator.device, non_blocking=True) for t in self.next_batch())
             # only the last micro-batch all-reduces (FSDP: reduce-scatters) gradients
@@ -141,8 +142,11 @@ class Trainer:
             sync = accelerator.no_sync(model) if i < self.accum - 1 and not self.fsdp else nullcontext()
             with sync:
                 bidirectional = rows[0] if rows else None
-                loss = forward_loss(model, inputs, targets, self.document_bos, bidirectional) / self.accum
+                out = forward(model, inputs, targets, self.document_bos, bidirectional, token_losses)
+                loss = out.loss / self.accum
                 accelerator.backward(loss)
+            if token_losses:
+                self.emit("after_micro_batch", targets, bidirectional, out.token_losses)
             step_loss += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.recipe.optim.grad_clip or math.inf)
         grad_norm = sharding.full(grad_norm)  # under FSDP a replicated DTensor

@@ -21,6 +21,7 @@ from lm_pretrain.recipe import Recipe
 from lm_pretrain.train import sharding
 from lm_pretrain.train.callbacks import Callback
 from lm_pretrain.train.callbacks.averaging import WeightAveraging
+from lm_pretrain.train.callbacks.hard_tokens import TokenHardness
 from lm_pretrain.train.callbacks.meco import MecoCooldown
 from lm_pretrain.train.callbacks.metrics import StepMetrics
 from lm_pretrain.train.callbacks.milestones import Milestones
@@ -128,6 +129,8 @@ def own_callbacks(
 ) -> list[Callback]:
     """lmp's own callbacks for this recipe, in the order they run (console: the main process's)."""
     callbacks: list[Callback] = [NonFiniteSteps(device), StepMetrics(device)]
+    if masked and recipe.hybrid.masking == "hard":
+        callbacks.append(TokenHardness(core.config.vocab_size, recipe.hybrid.hard_half_life, device))
     if recipe.train.average is not None:
         a = recipe.train.average
         averager = WeightAverager(core, a.kind, decay=a.decay, k=a.k, every=a.every)

@@ -45,6 +45,7 @@ from lm_pretrain.run_folder import (
 from lm_pretrain.track import MetricsSink, truncate_metrics
 from lm_pretrain.train import sharding
 from lm_pretrain.train.callbacks import Callback
+from lm_pretrain.train.callbacks.hard_tokens import TokenHardness
 from lm_pretrain.train.checkpoint import (
     load_weights,
     publish,
@@ -264,10 +265,12 @@ def _train(
     )  # fmt: skip
     loader = train_loader(batches, cfg.data_worker, pin_memory=accelerator.device.type == "cuda")
     cleanup.callback(close_loader, loader)
+    hardness = next((c for c in callbacks if isinstance(c, TokenHardness)), None)
+    items = loader if hardness is None else masker.in_training_process(loader, hardness.table)
     trainer = Trainer(
         recipe=recipe, run_dir=run_dir, tokenizer_dir=tokenizer_dir, accelerator=accelerator,
         model=model, core=core, optimizer=optimizer, schedule=schedule, state=state, steps=steps,
-        accum=accum, batches=loader, windows=windows, words_per_token=words_per_token,
+        accum=accum, batches=items, windows=windows, words_per_token=words_per_token,
         val_batches=val_batches, val_mntp_batches=val_mntp_batches, document_bos=document_bos,
         sink=sink, stop=stop, console=console, callbacks=callbacks, **source_validation(data, val_batches),
     )  # fmt: skip

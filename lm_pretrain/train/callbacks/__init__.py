@@ -5,6 +5,9 @@ order, passing itself, so a callback reads what it needs (trainer.state, trainer
 trainer.progress, ...). Per step, in order:
 
     before_step(t)                   before the batch is read
+    after_micro_batch(t, targets, bidirectional, losses)
+                                     after each micro-batch's backward, for callbacks that set
+                                     needs_token_losses: each target's loss, detached
     after_update(t, loss, finite)    after the optimizer step; device tensors: no sync here
     on_log(t, record)                at log steps: fill the record's training fields
     after_validation(t, record)      after the validation loss: add fields, return text for the
@@ -31,10 +34,17 @@ if TYPE_CHECKING:
 
 
 class Callback:
+    needs_token_losses = False  # True: the loss keeps each target's loss for after_micro_batch
+
     def on_start(self, t: Trainer) -> None:
         pass
 
     def before_step(self, t: Trainer) -> None:
+        pass
+
+    def after_micro_batch(
+        self, t: Trainer, targets: torch.Tensor, bidirectional: torch.Tensor | None, losses: torch.Tensor
+    ) -> None:
         pass
 
     def after_update(self, t: Trainer, loss: torch.Tensor, finite: torch.Tensor) -> None:
