@@ -59,6 +59,52 @@ class MetadataConfig(Section):
         return "URL: {value}\n\n" if self.kind == "url" else "{value}\n\n"
 
 
+class MixtureStage(Section):
+    until: float = Field(gt=0, le=1, description="the stage ends at this fraction of training")
+    weights: dict[str, float] = Field(description="per source, over data.mixture.weights")
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, weights: dict[str, float]) -> dict[str, float]:
+        return _non_negative_weights(weights)
+
+
+def _non_negative_weights(weights: dict[str, float]) -> dict[str, float]:
+    bad = [f"{name}: {w}" for name, w in weights.items() if not w >= 0 or w == float("inf")]
+    if bad:
+        raise ValueError(f"mixture weights must be finite and 0 or more ({', '.join(bad)})")
+    return weights
+
+
+class MixtureConfig(Section):
+    """Training windows drawn from each source in proportion to its weight (per window, so per
+    token), in stages by fraction of training. A source the weights do not name takes `default`
+    (1 unless given); a stage's weights replace those it names for that stage."""
+
+    weights: dict[str, float] = Field(default_factory=dict)
+    stages: list[MixtureStage] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_weights(cls, raw: Any) -> Any:
+        # `mixture: {childes: 2, default: 1}` is shorthand for `mixture: {weights: {...}}`
+        if isinstance(raw, dict) and raw and not {"weights", "stages"} & set(raw):
+            return {"weights": raw}
+        return raw
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, weights: dict[str, float]) -> dict[str, float]:
+        return _non_negative_weights(weights)
+
+    @model_validator(mode="after")
+    def _stages_rise(self) -> MixtureConfig:
+        ends = [stage.until for stage in self.stages or []]
+        if ends and (ends != sorted(set(ends)) or ends[-1] != 1):
+            raise ValueError(f"data.mixture.stages: `until` must rise to 1.0 (got {ends})")
+        return self
+
+
 class DataConfig(Section):
     path: str = Field(
         "builtin:demo", description="a BabyLM folder, a folder of text files, a .jsonl file, or builtin:demo"
@@ -80,6 +126,7 @@ class DataConfig(Section):
         "concat", description="document: no attention across packed documents, positions restart"
     )
     validation_fraction: float = Field(0.01, ge=0.0, lt=0.5)
+    mixture: MixtureConfig | None = Field(None, description="weights per source, optionally staged")
     cache_dir: str | None = Field(None, description="token shard cache; default $LMP_CACHE or ~/.cache/lmp")
 
 
@@ -360,6 +407,10 @@ class Recipe(Section):
                     f"train.seq_len_schedule length {odd[0]} must divide train.seq_len {self.seq_len} (the "
                     "length that sets the tokens per step), so that each step keeps its tokens"
                 )
+        if self.data.mixture is not None and self.train.seq_len_schedule is not None:
+            raise ValueError(
+                "data.mixture and train.seq_len_schedule do not work together yet; drop one of them"
+            )
         if self.hybrid.masking == "hard" and self.objective == "causal":
             raise ValueError(
                 "hybrid.masking hard chooses which tokens to mask, and objective causal masks none; "

@@ -18,6 +18,7 @@ from accelerate.utils import gather_object
 from rich.console import Console
 
 from lm_pretrain.data.loader import PackedWindows
+from lm_pretrain.data.mixture import MixedWindows
 from lm_pretrain.errors import LmpError
 from lm_pretrain.model.decoder import Decoder
 from lm_pretrain.recipe import Recipe
@@ -52,7 +53,7 @@ class Trainer:
     steps: int
     accum: int
     batches: Iterator[tuple[torch.Tensor, ...]]
-    windows: PackedWindows
+    windows: PackedWindows | MixedWindows
     words_per_token: float
     val_batches: list
     val_mntp_batches: list
@@ -102,7 +103,7 @@ class Trainer:
                 state.step += 1
                 state.samples += cfg.batch_size
                 state.tokens += self.tokens_per_step
-                state.words = round(state.tokens * self.words_per_token)
+                state.words = self.words_seen()
 
                 last = state.step == self.steps
                 record: dict[str, Any] = {}
@@ -169,6 +170,13 @@ class Trainer:
             ) from None
         finally:
             self.data_wait += time.perf_counter() - waited
+
+    def words_seen(self) -> int:
+        """Words in the windows drawn so far: per source under data.mixture, else at the corpus's
+        average words per token."""
+        if isinstance(self.windows, MixedWindows):
+            return round(self.windows.words_seen(self.state.samples))
+        return round(self.state.tokens * self.words_per_token)
 
     def record_base(self, record: dict[str, Any]) -> dict[str, Any]:
         """`record`, given the step's position when it has nothing yet."""

@@ -14,6 +14,7 @@ from lm_pretrain.train.schedule import make_schedule, total_steps
 def describe_schedule(recipe: Recipe, png: Path | None = None) -> Table:
     words_per_token = None
     if recipe.max_words_seen is not None:  # the step count follows from the corpus's words per token
+        from lm_pretrain.data.mixture import run_words_per_token
         from lm_pretrain.data.prepare import prepare_data
 
         try:
@@ -24,7 +25,7 @@ def describe_schedule(recipe: Recipe, png: Path | None = None) -> Table:
                 f"token, read from data.path (relative to this working directory): {exc}. Or give "
                 "--set train.max_steps=N to see a schedule of N steps without it"
             ) from None
-        words_per_token = sum(data.word_counts["train"].values()) / data.train.n_tokens
+        words_per_token = run_words_per_token(recipe, data)
     steps = total_steps(recipe, words_per_token)
     tokens_per_step = recipe.train.batch_size * recipe.seq_len
     schedule = make_schedule(recipe.schedule, steps, tokens_per_step)

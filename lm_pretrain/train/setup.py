@@ -14,6 +14,7 @@ from rich.console import Console
 from lm_pretrain.average import WeightAverager
 from lm_pretrain.data.loader import PackedWindows, seq_len_stages, validation_batches, validation_sources
 from lm_pretrain.data.masking import VALIDATION_SAMPLES, MntpMasker
+from lm_pretrain.data.mixture import MixedWindows, MixturePlan, source_words_per_token, stage_weights
 from lm_pretrain.data.prepare import PreparedData
 from lm_pretrain.errors import LmpError
 from lm_pretrain.model.decoder import Decoder, DecoderConfig
@@ -97,18 +98,27 @@ def restore(
 
 
 def train_windows(
-    recipe: Recipe, data: PreparedData, bos: int | None, steps: int
-) -> tuple[PackedWindows, PackedWindows | None, int]:
-    """The training windows; for MeCo also the metadata-prefixed ones and the token count at
-    which the cooldown switches to plain ones (read off the global count, so a resumed run
-    switches at the same step)."""
-    windows = PackedWindows(data.train.tokens, recipe.seq_len, recipe.seed, bos)
+    recipe: Recipe, data: PreparedData, bos: int | None, steps: int, main_steps: int
+) -> tuple[PackedWindows | MixedWindows, PackedWindows | MixedWindows | None, int]:
+    """The training windows (under data.mixture, per source); for MeCo also the metadata-prefixed
+    ones and the token count at which the cooldown switches to plain ones (read off the global
+    count, so a resumed run switches at the same step)."""
     meta = data.train_meta
+    if recipe.data.mixture is not None:
+        stages = stage_weights(recipe.data.mixture, data.train.sources)
+        plan = MixturePlan(stages, main_steps, recipe.train.batch_size, recipe.seed)
+        args = (plan, recipe.seq_len, recipe.seed, bos, source_words_per_token(data))
+        windows = MixedWindows(data.train, *args)
+        meta_windows = MixedWindows(meta, *args, prefixed=True) if meta is not None else None
+    else:
+        windows = PackedWindows(data.train.tokens, recipe.seq_len, recipe.seed, bos)
+        meta_windows = None
+        if meta is not None:
+            meta_windows = PackedWindows(
+                meta.tokens, recipe.seq_len, recipe.seed, bos, meta.doc_offsets, meta.prefix_lengths
+            )
     if meta is None:
         return windows, None, 0
-    meta_windows = PackedWindows(
-        meta.tokens, recipe.seq_len, recipe.seed, bos, meta.doc_offsets, meta.prefix_lengths
-    )
     tokens_per_step = recipe.train.batch_size * recipe.seq_len
     return (
         windows,

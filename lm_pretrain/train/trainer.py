@@ -26,6 +26,7 @@ from lm_pretrain.data.loader import (
     close_loader,
     train_loader,
 )
+from lm_pretrain.data.mixture import MixedWindows, mixture_table, run_words_per_token
 from lm_pretrain.data.prepare import PreparedData, prepare_data
 from lm_pretrain.data.tokenizer import save_hf_tokenizer, special_token_ids
 from lm_pretrain.model.decoder import Decoder
@@ -189,8 +190,9 @@ def _train(
     with accelerator.main_process_first():
         report = is_main and not os.environ.get("LMP_DATA_REPORTED")  # lmp train --nproc did already
         data = prepare_data(recipe, console=console if report else None, show_progress=report)
-    # words seen are counted at the corpus's average: windows are uniform samples of the stream
-    words_per_token = sum(data.word_counts["train"].values()) / data.train.n_tokens
+    # the run's length in words at the corpus's average (windows are uniform samples of the
+    # stream), or the mixture's; the loop counts the words of what it draws
+    words_per_token = run_words_per_token(recipe, data)
     steps, main_steps, schedule = run_length(recipe, plan, words_per_token)
     finished = _finished_result(run_dir, start_from, steps)
     if finished is not None:
@@ -232,7 +234,7 @@ def _train(
     if cfg.compile:
         model = torch.compile(model)
 
-    windows, meta_windows, meta_until = train_windows(recipe, data, ids["bos"], steps)
+    windows, meta_windows, meta_until = train_windows(recipe, data, ids["bos"], steps, main_steps)
     document_bos = packing_bos(recipe, ids["bos"])
     val_batches, masker, val_mntp_batches = validation_sets(recipe, data, ids, micro)
     if cfg.compile:
@@ -254,6 +256,8 @@ def _train(
     callbacks += extra_callbacks
     if is_main:
         console.print(_run_line(recipe, core, steps, words_per_token, windows, accelerator, accum))
+        if isinstance(windows, MixedWindows):
+            console.print(mixture_table(windows.plan, data.train, main_steps, cfg.batch_size, seq_len))
 
     for callback in callbacks if start_from is not None else []:
         callback.load_checkpoint(start_from)
