@@ -384,7 +384,8 @@ _STATE_STYLE = {"running": "cyan", "finished": "green", "stopped": "yellow", "fa
 
 def runs_table(runs: list[Run], root: Path | None = None) -> Table:
     """The `lmp runs` table. Names are paths relative to `root` when the run lies under it.
-    Columns no run has a value for (words, evals, parent) are left out to save width."""
+    Columns no run has a value for (words, evals, per-source validation, parent) are left out to
+    save width."""
     rows = []
     for run in runs:
         row = run_row(run)
@@ -416,17 +417,22 @@ def runs_table(runs: list[Run], root: Path | None = None) -> Table:
                 "loss": "-" if row["loss"] is None else f"{row['loss']:.4f}",
                 "best val": best,
                 "evals": ", ".join(f"{k} {v:.1f}%" for k, v in sorted(row["evals"].items())) or "-",
+                "val by source": ", ".join(
+                    f"{k} {v:.3f}" for k, v in row["val_loss_by_source"].items() if v is not None
+                )
+                or "-",
                 "state": f"[{_STATE_STYLE.get(state, 'dim')}]{state}[/]",
                 "parent": parent,
             }
         )
-    optional = {"words", "evals", "parent"}
+    optional = {"words", "evals", "val by source", "parent"}
     columns = [c for c in (rows[0] if rows else {}) if c not in optional or any(r[c] != "-" for r in rows)]
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     for column in columns:
-        left = column in ("run", "recipe", "evals", "state", "parent")
+        wraps = column in ("run", "evals", "val by source")
+        left = wraps or column in ("recipe", "state", "parent")
         # names and eval lists may wrap; numbers must stay whole
-        table.add_column(column, justify="left" if left else "right", no_wrap=column not in ("run", "evals"))
+        table.add_column(column, justify="left" if left else "right", no_wrap=not wraps)
     for row in rows:
         table.add_row(*(row[c] for c in columns))
     return table

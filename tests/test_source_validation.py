@@ -42,3 +42,10 @@ def test_a_multi_source_run_logs_each_sources_validation_loss(tmp_path):
     }
     # the total lies within the sources' range (it is their token-weighted mean)
     assert min(per_source.values()) - 1e-3 <= validated["val_loss"] <= max(per_source.values()) + 1e-3
+    # lmp runs shows them too (--json keeps the numbers; the table one column of them)
+    shown = CliRunner().invoke(app, ["runs", str(tmp_path / "run"), "--json"])
+    row = json.loads(shown.output.splitlines()[0])
+    assert row["val_loss_by_source"] == per_source
+    wide = CliRunner().invoke(app, ["runs", str(tmp_path / "run")], terminal_width=300)
+    name = sorted(per_source)[0]
+    assert "val by source" in wide.output and f"{name} {per_source[name]:.3f}" in wide.output

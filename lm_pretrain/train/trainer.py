@@ -232,6 +232,9 @@ def _train(
         model, optimizer = accelerator.prepare(model, optimizer)
     eager_model = model
     if cfg.compile:
+        # forget earlier runs' graphs in this process (lmp sweep, a notebook): each run's model is
+        # new, and their graphs would count toward dynamo's recompile limit and then run eagerly
+        torch.compiler.reset()
         model = torch.compile(model)
 
     windows, meta_windows, meta_until = train_windows(recipe, data, ids["bos"], steps, main_steps)
