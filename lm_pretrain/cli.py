@@ -271,7 +271,12 @@ def _newlines(prefix: str) -> str:
 @app.command("eval")
 @user_errors
 def eval_(
-    model: Annotated[Path, typer.Argument(help="a run folder, checkpoint, or transformers model folder")],
+    models: Annotated[
+        list[Path],
+        typer.Argument(
+            help="a run folder, checkpoint, or transformers model folder (several with --ensemble)"
+        ),
+    ],
     tasks: Annotated[
         str | None,
         typer.Option(
@@ -292,6 +297,9 @@ def eval_(
     json_out: Annotated[Path | None, typer.Option("--json", help="write scores here")] = None,
     predictions: Annotated[Path | None, typer.Option(help="write official-layout predictions here")] = None,
     seed: Annotated[int, typer.Option(help="probe seed")] = 0,
+    ensemble: Annotated[
+        bool, typer.Option("--ensemble", help="score the models as one: their averaged probabilities")
+    ] = False,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Zero-shot BabyLM evaluation (official scoring rules), grammar probe, and perplexity."""
@@ -303,9 +311,11 @@ def eval_(
         output_file(json_out, "--json")
     if predictions is not None and predictions.exists() and not predictions.is_dir():
         raise LmpError(f"--predictions {predictions} is a file; give a folder to write predictions into")
+    if len(models) > 1 and not ensemble:
+        raise LmpError(f"{len(models)} models given; pass --ensemble to score them as one, or give one model")
     chosen = parse_tasks(tasks, data_dir, fast)
     result = evaluate(
-        model, chosen, data_dir, backend, fast, _newlines(prefix), strict_ties, text, seed,
+        models if ensemble else models[0], chosen, data_dir, backend, fast, _newlines(prefix), strict_ties, text, seed,
         console=console, explicit_tasks=tasks is not None, trust_remote_code=trust_remote_code,
     )  # fmt: skip
     for task in result.tasks:

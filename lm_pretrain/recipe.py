@@ -315,6 +315,23 @@ class HybridConfig(Section):
         return self
 
 
+class DistillConfig(Section):
+    """Distillation: the loss mixes the next-token cross-entropy with the cross-entropy to the
+    teachers' averaged distribution (an ensemble when several). Teachers are lmp runs, checkpoints
+    or Llama-architecture transformers folders sharing the student's tokenizer."""
+
+    teachers: list[str] = Field(min_length=1, description="run folders, checkpoints or model folders")
+    weight: float = Field(
+        0.5, ge=0, le=1, description="share of the distillation loss; the rest is next-token"
+    )
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of both distributions")
+    teacher_words: int | None = Field(
+        None,
+        ge=0,
+        description="under data.word_budget: the words teachers not trained by lmp on this corpus saw",
+    )
+
+
 class EvalConfig(Section):
     """Zero-shot scores of the model being trained, logged to metrics.jsonl as eval/<task> (and
     eval/<task>_mntp for masked next-token and hybrid objectives), scored as `lmp eval` does."""
@@ -360,6 +377,7 @@ class Recipe(Section):
     train: TrainConfig = TrainConfig(max_steps=400)
     objective: Literal["causal", "masked_next_token", "hybrid"] = "causal"
     hybrid: HybridConfig = HybridConfig()
+    distill: DistillConfig | None = None
     eval: EvalConfig | None = None
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -410,6 +428,10 @@ class Recipe(Section):
         if self.data.mixture is not None and self.train.seq_len_schedule is not None:
             raise ValueError(
                 "data.mixture and train.seq_len_schedule do not work together yet; drop one of them"
+            )
+        if self.distill is not None and self.objective != "causal":
+            raise ValueError(
+                f"distill works with objective causal only (the teachers are causal LMs), not {self.objective}"
             )
         if self.hybrid.masking == "hard" and self.objective == "causal":
             raise ValueError(

@@ -14,7 +14,13 @@ from rich.console import Console
 from lm_pretrain.errors import LmpError
 from lm_pretrain.eval.probe import probe_items
 from lm_pretrain.eval.report import TaskResult, judge
-from lm_pretrain.eval.scoring import BACKENDS, ScoringModel, load_scoring_model, score_candidates
+from lm_pretrain.eval.scoring import (
+    BACKENDS,
+    ScoringModel,
+    load_ensemble,
+    load_scoring_model,
+    score_candidates,
+)
 from lm_pretrain.eval.tasks import ALL_TASKS, DATA_TASKS, Item, load_task, locate, with_prefix
 from lm_pretrain.recipe import EvalConfig
 
@@ -77,7 +83,7 @@ def score_items(sm: ScoringModel, items: list[Item], token_budget: int | None = 
 
 
 def evaluate(
-    model_path: Path,
+    model_path: Path | list[Path],
     tasks: list[str],
     data_dir: Path | None = None,
     backend: str = "causal",
@@ -98,7 +104,11 @@ def evaluate(
     console = console or Console(quiet=True)
     if backend not in BACKENDS:
         raise LmpError(f"--backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
-    folder = resolve_model_folder(Path(model_path))
+    # several paths: an ensemble, scored by its members' averaged probabilities
+    folders = [
+        resolve_model_folder(Path(p)) for p in (model_path if isinstance(model_path, list) else [model_path])
+    ]
+    folder = folders[0]
     needs_data = [t for t in tasks if t in DATA_TASKS]
     if needs_data and data_dir is None:
         raise LmpError(
@@ -114,8 +124,13 @@ def evaluate(
         elif task == "probe":
             loaded.append(("probe", f"lmp templates, seed {seed}", probe_items(seed, probe_size)))
 
-    sm = load_scoring_model(folder, backend, trust_remote_code=trust_remote_code)
+    if len(folders) > 1:
+        sm = load_ensemble(folders, backend, trust_remote_code=trust_remote_code)
+    else:
+        sm = load_scoring_model(folder, backend, trust_remote_code=trust_remote_code)
     result = EvalResult(folder, backend, prefix)
+    if len(folders) > 1:
+        result.notes.append("an ensemble of " + ", ".join(str(f) for f in folders))
     for task, source, items in loaded:
         if prefix:
             items = [with_prefix(item, prefix) for item in items]

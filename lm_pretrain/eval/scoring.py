@@ -19,10 +19,12 @@ token prefix (EWoK, entity tracking) run the prefix once and reuse its key/value
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -328,3 +330,70 @@ def score_one_at_a_time(sm: ScoringModel, sentences: Sequence[str], completions:
                 values.append(logprobs[ids[j]].item())
         scores[k] = _sum(np.array(values, np.float32))
     return scores
+
+
+class _EnsembleCache:
+    """The members' key/value caches, reordered together."""
+
+    def __init__(self, caches: list) -> None:
+        self.caches = caches
+
+    def reorder_cache(self, index: torch.Tensor) -> None:
+        for cache in self.caches:
+            cache.reorder_cache(index)
+
+
+class EnsembleLM(torch.nn.Module):
+    """Several causal LMs sharing a tokenizer, seen as one: its logits are the log of the members'
+    averaged probabilities, so every log-softmax taken of them scores the ensemble."""
+
+    def __init__(self, members: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        # the shortest context any member takes
+        self.config = min(
+            (m.config for m in members), key=lambda c: getattr(c, "max_position_embeddings", 1 << 30)
+        )
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.members[0].get_output_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: _EnsembleCache | None = None,
+        use_cache: bool = False,
+    ) -> SimpleNamespace:
+        caches = past_key_values.caches if past_key_values is not None else [None] * len(self.members)
+        outs = [
+            m(input_ids=input_ids, attention_mask=attention_mask, past_key_values=c, use_cache=use_cache)
+            for m, c in zip(self.members, caches, strict=True)
+        ]
+        logprobs = torch.stack([torch.log_softmax(o.logits.float(), dim=-1) for o in outs])
+        logits = torch.logsumexp(logprobs, dim=0) - math.log(len(outs))
+        cache = _EnsembleCache([o.past_key_values for o in outs]) if use_cache else None
+        return SimpleNamespace(logits=logits, past_key_values=cache)
+
+
+def load_ensemble(
+    folders: list[Path], backend: str = "causal", trust_remote_code: bool = False
+) -> ScoringModel:
+    """The members as one ScoringModel (causal backend); LmpError when their tokenizers differ."""
+    from lm_pretrain.data.tokenizer import first_token_difference
+
+    if backend != "causal":
+        raise LmpError(f"--ensemble scores causal LMs; the {backend} backend is not supported for ensembles")
+    members = [load_scoring_model(folder, backend, trust_remote_code=trust_remote_code) for folder in folders]
+    first = members[0]
+    for other in members[1:]:
+        difference = first_token_difference(
+            first.tokenizer.backend_tokenizer, other.tokenizer.backend_tokenizer
+        )
+        if difference is not None:
+            raise LmpError(
+                f"{other.folder} has another tokenizer than {first.folder} ({difference}); an ensemble "
+                "averages distributions token by token, so its members must share one"
+            )
+    model = EnsembleLM([m.model for m in members]).to(first.device).eval()
+    return ScoringModel(model, first.tokenizer, backend, first.folder, first.device)

@@ -107,6 +107,18 @@ class DecoderOutput(NamedTuple):
     loss: torch.Tensor | None
     # with return_token_losses: each target's cross-entropy [B*T], detached (0 where ignored)
     token_losses: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None  # with return_hidden: the final normed hidden states
+
+
+class DistillTargets(NamedTuple):
+    """What the chunked loss needs of the teachers: each one's final hidden states [B, T, H_k] and
+    output matrix [vocab, H_k] (their logits are made a chunk at a time, as the student's), the
+    distillation loss's share of the loss, and the softmax temperature."""
+
+    hiddens: tuple[torch.Tensor, ...]
+    heads: tuple[torch.Tensor, ...]
+    share: float
+    temperature: float
 
 
 class RMSNorm(nn.Module):
@@ -395,6 +407,87 @@ class _ChunkedLMLoss(torch.autograd.Function):
         return (grad_h * scale).to(h_dtype), (grad_w * scale).to(w_dtype), None, None, None, None, None
 
 
+def chunked_distill_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    distill: DistillTargets,
+    chunk_rows: int = LOSS_CHUNK_ROWS,
+) -> torch.Tensor:
+    """(1 - share) x the next-token cross-entropy + share x T^2 x the cross-entropy from the
+    teachers' averaged softmax(logits / T) to the student's softmax(logits / T) (Hinton et al. 2015:
+    T^2 keeps the soft part's gradients at the hard part's scale), mean over the valid targets.
+    Neither the student's nor any teacher's full-vocabulary logits are held for the whole batch."""
+    h = hidden.reshape(-1, hidden.size(-1))
+    t = targets.reshape(-1)
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    teachers = [x.reshape(-1, x.size(-1)) for x in distill.hiddens]
+    return _ChunkedDistillLoss.apply(
+        h,
+        weight,
+        t,
+        dtype,
+        chunk_rows,
+        distill.share,
+        distill.temperature,
+        len(teachers),
+        *teachers,
+        *distill.heads,
+    )
+
+
+class _ChunkedDistillLoss(torch.autograd.Function):
+    """_ChunkedLMLoss with the teachers' distribution mixed into the targets: the loss and both
+    input gradients in one pass over the chunks."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, dtype, chunk_rows, share, temperature, n, *teacher):  # noqa: ANN001, ANN205
+        with torch.autocast(h.device.type, enabled=False):
+            hc, wc = h.to(dtype), weight.to(dtype)
+            hiddens, heads = [x.to(dtype) for x in teacher[:n]], [x.to(dtype) for x in teacher[n:]]
+            valid = targets != IGNORE_INDEX
+            safe = torch.where(valid, targets, 0)
+            w = valid.float()
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            vocab_ids = torch.arange(weight.size(0), device=h.device)
+            grad_h = torch.empty_like(hc)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            T = temperature
+            for start in range(0, h.size(0), chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                logits = (hc[rows] @ wc.T).float()
+                log_p = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+                log_q = logits / T - torch.logsumexp(logits / T, dim=-1, keepdim=True)
+                soft = (
+                    sum(
+                        torch.softmax((x[rows] @ head.T).float() / T, dim=-1)
+                        for x, head in zip(hiddens, heads, strict=True)
+                    )
+                    / n
+                )
+                one_hot = (vocab_ids == safe[rows, None]).float()
+                hard_loss = -(log_p * one_hot).sum(-1)
+                soft_loss = -(log_q * soft).sum(-1) * T * T
+                total += (((1 - share) * hard_loss + share * soft_loss) * w[rows]).sum()
+                grad = (1 - share) * (log_p.exp() - one_hot) + share * T * (log_q.exp() - soft)
+                grad = (grad * w[rows, None]).to(dtype)
+                grad_h[rows] = grad @ wc
+                grad_w += (grad.T @ hc[rows]).float()
+        denominator = w.sum()
+        ctx.save_for_backward(grad_h, grad_w, denominator)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        ctx.n_inputs = 8 + len(teacher)
+        return total / denominator
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # noqa: ANN001, ANN205
+        grad_h, grad_w, denominator = ctx.saved_tensors
+        scale = grad_loss / denominator
+        h_dtype, w_dtype = ctx.dtypes
+        return (grad_h * scale).to(h_dtype), (grad_w * scale).to(w_dtype), *([None] * (ctx.n_inputs - 2))
+
+
 class Decoder(nn.Module):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
@@ -440,6 +533,8 @@ class Decoder(nn.Module):
         loss_weights: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         return_token_losses: bool = False,
+        return_hidden: bool = False,
+        distill: DistillTargets | None = None,
     ) -> DecoderOutput:
         """Logits [B, T, vocab] and, given targets, the mean next-token loss.
 
@@ -452,6 +547,8 @@ class Decoder(nn.Module):
         cu_seqlens (int32 document offsets in the flattened batch, loader.document_bounds) keeps
         packed documents apart with variable-length flash attention instead of a mask: CUDA, bf16
         or fp16 only (see use_varlen_attention). return_token_losses adds each target's loss.
+        Without targets, return_hidden gives the final hidden states instead of logits (a teacher's
+        part of distillation); with targets, distill mixes in the loss to teachers' distribution.
         """
         T = input_ids.shape[1]
         if position_ids is None:
@@ -473,9 +570,14 @@ class Decoder(nn.Module):
             else:
                 x = block(x, cos, sin, attn_mask, cu_seqlens)
         hidden = self.model.norm(x)
+        if targets is None and return_hidden:
+            return DecoderOutput(logits=None, loss=None, hidden=hidden)
 
         if targets is not None and not return_logits:
             # the training path: the loss without ever holding [B*T, vocab] logits
+            if distill is not None:
+                loss = chunked_distill_loss(hidden, self.lm_head.weight, targets, distill)
+                return DecoderOutput(logits=None, loss=loss)
             if return_token_losses:
                 loss, losses = chunked_lm_loss(
                     hidden, self.lm_head.weight, targets, loss_weights, token_losses=True

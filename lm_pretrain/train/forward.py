@@ -3,6 +3,8 @@ validation loss over fixed windows; the process setup (Accelerate, batch split) 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -19,6 +21,9 @@ from lm_pretrain.data.masking import objective_weights
 from lm_pretrain.errors import LmpError
 from lm_pretrain.model.decoder import DecoderOutput, use_varlen_attention
 from lm_pretrain.recipe import Recipe, TrainConfig
+
+if TYPE_CHECKING:
+    from lm_pretrain.train.distill import Teachers
 
 
 def make_accelerator(precision: str) -> Accelerator:
@@ -75,10 +80,15 @@ def forward(
     bos_token_id: int | None,
     bidirectional: torch.Tensor | None = None,
     token_losses: bool = False,
+    teachers: Teachers | None = None,
 ) -> DecoderOutput:
-    """forward_loss's model output (no logits), with each target's loss when asked."""
+    """forward_loss's model output (no logits), with each target's loss when asked; with
+    teachers, the loss is the distillation mix."""
     weights = None if bidirectional is None else objective_weights(targets, bidirectional)
     positions, mask, bounds = _attention(inputs, bos_token_id, bidirectional)
+    extra: dict = {"return_token_losses": True} if token_losses else {}
+    if teachers is not None:
+        extra["distill"] = teachers.targets(inputs, positions, mask, bounds)
     # return_logits=False: the chunked loss, which never holds full-vocabulary logits
     out = model(
         inputs,
@@ -88,7 +98,7 @@ def forward(
         return_logits=False,
         loss_weights=weights,
         cu_seqlens=bounds,
-        **({"return_token_losses": True} if token_losses else {}),
+        **extra,
     )
     return out
 

@@ -26,6 +26,7 @@ from lm_pretrain.track import MetricsSink, TrainProgress
 from lm_pretrain.train import sharding
 from lm_pretrain.train.callbacks import Callback
 from lm_pretrain.train.checkpoint import rng_state, save_checkpoint
+from lm_pretrain.train.distill import Teachers
 from lm_pretrain.train.forward import forward, validation_loss, validation_loss_by_source
 from lm_pretrain.train.optim import apply_update, set_learning_rates
 from lm_pretrain.train.schedule import Schedule
@@ -69,6 +70,7 @@ class Trainer:
     data_wait: float = 0.0  # seconds spent waiting for batches, reset by the metrics callback
     started: float = 0.0  # perf_counter() at which the run's training time would have been zero
     progress: TrainProgress | None = None
+    teachers: Teachers | None = None  # distill: the frozen models whose distribution the loss mixes in
 
     @property
     def is_main(self) -> bool:
@@ -143,7 +145,9 @@ class Trainer:
             sync = accelerator.no_sync(model) if i < self.accum - 1 and not self.fsdp else nullcontext()
             with sync:
                 bidirectional = rows[0] if rows else None
-                out = forward(model, inputs, targets, self.document_bos, bidirectional, token_losses)
+                out = forward(
+                    model, inputs, targets, self.document_bos, bidirectional, token_losses, self.teachers
+                )
                 loss = out.loss / self.accum
                 accelerator.backward(loss)
             if token_losses:

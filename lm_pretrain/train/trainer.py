@@ -54,6 +54,7 @@ from lm_pretrain.train.checkpoint import (
     write_model_folder,
 )
 from lm_pretrain.train.compile_check import compiled_or_eager
+from lm_pretrain.train.distill import load_teachers, teachers_info
 from lm_pretrain.train.forward import (
     make_accelerator,
     packing_bos,
@@ -202,6 +203,11 @@ def _train(
     checkpoint = read_checkpoint(start_from, accelerator.process_index) if start_from is not None else None
     if checkpoint is not None:
         check_same_data(start_from, checkpoint.state, data, recipe)
+    teachers = None  # loaded (and checked) before the run folder is touched
+    if recipe.distill is not None:
+        teachers = load_teachers(
+            recipe, data, accelerator.device, accelerator.autocast, console if is_main else None
+        )
     ids = special_token_ids(data.tokenizer, recipe.tokenizer)
     tokenizer_dir = run_dir / TOKENIZER_DIR
     set_seed(recipe.seed)
@@ -259,6 +265,8 @@ def _train(
     callbacks += extra_callbacks
     if is_main:
         console.print(_run_line(recipe, core, steps, words_per_token, windows, accelerator, accum))
+        if teachers is not None:
+            console.print(teachers_info(teachers))
         if isinstance(windows, MixedWindows):
             console.print(mixture_table(windows.plan, data.train, main_steps, cfg.batch_size, seq_len))
 
@@ -279,7 +287,8 @@ def _train(
         model=model, core=core, optimizer=optimizer, schedule=schedule, state=state, steps=steps,
         accum=accum, batches=items, windows=windows, words_per_token=words_per_token,
         val_batches=val_batches, val_mntp_batches=val_mntp_batches, document_bos=document_bos,
-        sink=sink, stop=stop, console=console, callbacks=callbacks, **source_validation(data, val_batches),
+        sink=sink, stop=stop, console=console, callbacks=callbacks, teachers=teachers,
+        **source_validation(data, val_batches),
     )  # fmt: skip
     if start_from is None:
         trainer.validate_before_training()
