@@ -17,11 +17,12 @@ def result_table(result: BenchResult) -> Any:
         f"{result.device}: hidden {s['hidden']}, {s['layers']} layers, seq {s['seq']}, batch {s['batch']}, "
         f"vocab {s['vocab']} ({result.parameters / 1e6:.1f}M parameters), bf16 autocast; matmul peak "
         f"fp32 {result.peak_gflops['fp32']:.0f}, bf16 {result.peak_gflops['bf16']:.0f} GFLOP/s "
-        f"(bf16 at the MLP's shape {result.peak_gflops['bf16_mlp_shape']:.0f})"
+        f"(bf16 at the MLP's shape {result.peak_gflops['bf16_mlp_shape']:.0f}, over all the model's matmul "
+        f"shapes {result.peak_gflops['bf16_model_shapes']:.0f})"
     )
     table = Table(title=title, title_justify="left")
-    for column in ["model", "tokens/s", "vs transformers", "MFU", "data", "forward", "backward", "optimizer",
-                   "peak MiB"]:  # fmt: skip
+    for column in ["model", "tokens/s", "vs transformers", "MFU", "MFU (shapes)", "data", "forward",
+                   "backward", "optimizer", "peak MiB"]:  # fmt: skip
         table.add_column(column, justify="left" if column == "model" else "right")
     hf_tps = next(r.tokens_per_s for r in result.models if r.name == HF)
     for r in result.models:
@@ -30,6 +31,7 @@ def result_table(result: BenchResult) -> Any:
             f"{r.tokens_per_s:,.0f}",
             f"{r.tokens_per_s / hf_tps:.2f}x",
             f"{r.mfu:.1%}",
+            f"{r.mfu_model_shapes:.1%}",
             f"{r.data_s * 1e3:.1f} ms ({r.data_share:.1%})",
             f"{r.forward_s * 1e3:.0f} ms",
             f"{r.backward_s * 1e3:.0f} ms",

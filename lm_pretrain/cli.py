@@ -471,7 +471,7 @@ def bench(
     batch: Annotated[int | None, typer.Option(min=1, help="sequences per step (default 16)")] = None,
     steps: Annotated[int, typer.Option(min=1, help="timed steps per model, after 2 warm-up steps")] = 10,
     compile_: Annotated[
-        bool, typer.Option("--compile/--no-compile", help="also time torch.compile'd lmp")
+        bool, typer.Option("--compile/--no-compile", help="also time torch.compile'd lmp and transformers")
     ] = True,
     prep: Annotated[bool, typer.Option("--prep/--no-prep", help="tokenizer and eval throughput too")] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,

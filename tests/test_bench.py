@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from lm_pretrain.bench import HF, LMP, Shape, flops_per_token, run_bench
+from lm_pretrain.bench import HF, HF_COMPILED, LMP, LMP_COMPILED, Shape, flops_per_token, run_bench
 from lm_pretrain.bench_report import write_json
 from lm_pretrain.cli import app
 from lm_pretrain.model.decoder import Decoder, DecoderConfig, chunked_lm_loss
@@ -113,7 +113,7 @@ def test_bench_tiny_run(tmp_path):
     assert names == [HF, LMP]
     for m in result.models:
         assert m.tokens_per_s > 0
-        assert 0 < m.mfu < 1.5
+        assert 0 < m.mfu < 1.5 and m.mfu_model_shapes > 0
         assert m.step_s >= m.forward_s and m.data_share < 1
         assert m.peak_memory_mb is not None
     assert result.ratios[f"{LMP} / {HF}"] > 0
@@ -137,3 +137,15 @@ def test_bench_cli(tmp_path):
     assert json.loads(out.read_text())["shape"]["hidden"] == 32
     bad = CliRunner().invoke(app, ["bench", "--hidden", "30", "--heads", "4"])
     assert bad.exit_code == 2
+
+
+@pytest.mark.slow
+def test_bench_compiled_rows_include_transformers_compiled_as_the_hf_trainer_runs_it():
+    result = run_bench(TINY, steps=10, warmup=1, compile=True, memory=False, prep=False)
+    assert [m.name for m in result.models] == [HF, LMP, LMP_COMPILED, HF_COMPILED]
+    losses = {m.name: m.final_loss for m in result.models}
+    # the same weights and batches: every row trains the same model (transformers' loss leaves out
+    # each row's last target, so its value differs a little)
+    assert losses[LMP] == pytest.approx(losses[LMP_COMPILED], rel=0.02)
+    assert losses[HF_COMPILED] == pytest.approx(losses[LMP], rel=0.05)
+    assert result.ratios[f"{LMP_COMPILED} / {HF_COMPILED}"] > 0

@@ -97,6 +97,7 @@ def test_document_bounds_are_the_blocks_of_the_document_mask():
     assert torch.equal(torch.block_diag(*mask[:, 0]), same)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="variable-length flash attention runs on CUDA")
 def test_varlen_attention_equals_the_document_mask_on_gpu():
     from lm_pretrain.data.loader import document_bounds, document_masks, document_positions
