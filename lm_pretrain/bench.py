@@ -196,17 +196,20 @@ def flops_per_token(cfg: DecoderConfig, seq: int) -> float:
 
 def build_models(shape: Shape, device: torch.device, seed: int = 0) -> tuple[Decoder, torch.nn.Module]:
     """lmp's decoder and transformers' LlamaForCausalLM with the same config and weights."""
+    torch.manual_seed(seed)
+    lmp = Decoder(shape.decoder_config()).to(device)
+    return lmp, hf_twin(lmp)
+
+
+def hf_twin(lmp: Decoder) -> torch.nn.Module:
+    """transformers' LlamaForCausalLM with lmp's config (the one lmp exports) and its weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    cfg = shape.decoder_config()
-    lmp = Decoder(cfg).to(device)
-    # the config lmp exports, so both models are the same by construction
-    hf_cfg = LlamaConfig(**{**hf_config_dict(cfg), "use_cache": False}, attn_implementation="sdpa")
-    hf = LlamaForCausalLM(hf_cfg).to(device)
+    hf_cfg = LlamaConfig(**{**hf_config_dict(lmp.config), "use_cache": False}, attn_implementation="sdpa")
+    hf = LlamaForCausalLM(hf_cfg).to(lmp.lm_head.weight.device)
     # parameter names are transformers' own, so the state dict loads as it is
     hf.load_state_dict(lmp.state_dict(), strict=True)
-    return lmp, hf
+    return hf
 
 
 def _hf_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
