@@ -79,16 +79,19 @@ def _non_negative_weights(weights: dict[str, float]) -> dict[str, float]:
 class MixtureConfig(Section):
     """Training windows drawn from each source in proportion to its weight (per window, so per
     token), in stages by fraction of training. A source the weights do not name takes `default`
-    (1 unless given); a stage's weights replace those it names for that stage."""
+    (1 unless given); a stage's weights replace those it names for that stage. With
+    relative_to_size the weights multiply each source's own share of the training tokens, so 1
+    everywhere samples as without a mixture and {simple_wiki: 4} upsamples one source 4 times."""
 
     weights: dict[str, float] = Field(default_factory=dict)
     stages: list[MixtureStage] | None = None
+    relative_to_size: bool = Field(False, description="weights multiply each source's share of the tokens")
 
     @model_validator(mode="before")
     @classmethod
     def _plain_weights(cls, raw: Any) -> Any:
         # `mixture: {childes: 2, default: 1}` is shorthand for `mixture: {weights: {...}}`
-        if isinstance(raw, dict) and raw and not {"weights", "stages"} & set(raw):
+        if isinstance(raw, dict) and raw and not {"weights", "stages", "relative_to_size"} & set(raw):
             return {"weights": raw}
         return raw
 

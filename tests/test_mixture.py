@@ -34,6 +34,13 @@ def test_weights_resolve_per_stage_with_default_and_shorthand():
     )
     shorthand = MixtureConfig.model_validate({"childes": 2, "default": 0})
     assert stage_weights(shorthand, SOURCES)[0][1].tolist() == [0, 1, 0]
+    # relative to size: 1 everywhere is the corpus's own proportions; 4 upsamples a source 4 times
+    sizes = np.array([600.0, 300.0, 100.0])
+    assert stage_weights(mixture(relative_to_size=True), SOURCES, sizes)[0][1].tolist() == pytest.approx(
+        [0.6, 0.3, 0.1]
+    )
+    up = stage_weights(mixture(relative_to_size=True, weights={"wiki": 4}), SOURCES, sizes)[0][1]
+    assert up.tolist() == pytest.approx([600 / 1300, 300 / 1300, 400 / 1300])
 
 
 def test_bad_mixtures_are_refused_naming_the_problem():

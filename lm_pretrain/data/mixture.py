@@ -30,9 +30,12 @@ MIX_BLOCK = 1024  # samples per block: shares exact to 1/1024 of the samples
 _STREAM = 0x6D697820  # keeps the block orders apart from the window-order streams
 
 
-def stage_weights(cfg: MixtureConfig, sources: list[str]) -> list[tuple[float, np.ndarray]]:
+def stage_weights(
+    cfg: MixtureConfig, sources: list[str], sizes: np.ndarray | None = None
+) -> list[tuple[float, np.ndarray]]:
     """(until, share per source in `sources` order) per stage; LmpError for a weight naming no
-    source of the corpus or a stage where every source weighs 0."""
+    source of the corpus or a stage where every source weighs 0. With relative_to_size the
+    weights multiply each source's `sizes` (its training tokens)."""
     named = set(cfg.weights).union(*(stage.weights for stage in cfg.stages or []))
     unknown = sorted(named - set(sources) - {"default"})
     if unknown:
@@ -45,6 +48,8 @@ def stage_weights(cfg: MixtureConfig, sources: list[str]) -> list[tuple[float, n
     for stage in cfg.stages or [None]:
         given = stage.weights if stage is not None else {}
         w = np.array([float(given.get(name, given.get("default", base[name]))) for name in sources])
+        if cfg.relative_to_size:
+            w = w * sizes
         until = stage.until if stage is not None else 1.0
         if w.sum() <= 0:
             raise LmpError(
@@ -199,7 +204,7 @@ def run_words_per_token(recipe: Recipe, data: PreparedData) -> float:
     """Words per training token: the corpus's, or under data.mixture the mixture's over the run."""
     if recipe.data.mixture is None:
         return sum(data.word_counts["train"].values()) / data.train.n_tokens
-    stages = stage_weights(recipe.data.mixture, data.train.sources)
+    stages = stage_weights(recipe.data.mixture, data.train.sources, source_tokens(data.train))
     return mixture_words_per_token(stages, source_words_per_token(data))
 
 

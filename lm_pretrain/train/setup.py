@@ -14,7 +14,13 @@ from rich.console import Console
 from lm_pretrain.average import WeightAverager
 from lm_pretrain.data.loader import PackedWindows, seq_len_stages, validation_batches, validation_sources
 from lm_pretrain.data.masking import VALIDATION_SAMPLES, MntpMasker
-from lm_pretrain.data.mixture import MixedWindows, MixturePlan, source_words_per_token, stage_weights
+from lm_pretrain.data.mixture import (
+    MixedWindows,
+    MixturePlan,
+    source_tokens,
+    source_words_per_token,
+    stage_weights,
+)
 from lm_pretrain.data.prepare import PreparedData
 from lm_pretrain.errors import LmpError
 from lm_pretrain.model.decoder import Decoder, DecoderConfig
@@ -105,7 +111,7 @@ def train_windows(
     count, so a resumed run switches at the same step)."""
     meta = data.train_meta
     if recipe.data.mixture is not None:
-        stages = stage_weights(recipe.data.mixture, data.train.sources)
+        stages = stage_weights(recipe.data.mixture, data.train.sources, source_tokens(data.train))
         plan = MixturePlan(stages, main_steps, recipe.train.batch_size, recipe.seed)
         args = (plan, recipe.seq_len, recipe.seed, bos, source_words_per_token(data))
         windows = MixedWindows(data.train, *args)
