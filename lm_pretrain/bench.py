@@ -161,9 +161,10 @@ def matmul_peak(
 
 
 def model_shapes_rate(cfg: DecoderConfig, rows: int, device: torch.device) -> float:
-    """The bf16 GFLOP/s the model's own matmuls reach here: each projection's shape (rows = batch
-    x seq tokens) timed alone, combined as their FLOP-weighted harmonic mean (the rate at which
-    the model's matmul work would run back to back). Forward shapes stand for backward's."""
+    """The bf16 GFLOP/s the model's own matmuls reach here: each projection's three products of a
+    training step (forward, input gradient, weight gradient: rows = batch x seq tokens) timed
+    alone, combined as their FLOP-weighted harmonic mean (the rate at which the step's matmul work
+    would run back to back)."""
     h, i, kv, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads * cfg.head_dim, cfg.vocab_size
     L = cfg.num_layers
     shapes = [
@@ -176,8 +177,9 @@ def model_shapes_rate(cfg: DecoderConfig, rows: int, device: torch.device) -> fl
     flops = seconds = 0.0
     for (m, k, n), count in shapes:
         work = 2 * m * k * n * count
-        flops += work
-        seconds += work / (matmul_peak(torch.bfloat16, device, (m, k, n), repeats=3) * 1e9)
+        for product in ((m, k, n), (m, n, k), (k, m, n)):  # y = x W, dx = dy W^T, dW = x^T dy
+            flops += work
+            seconds += work / (matmul_peak(torch.bfloat16, device, product, repeats=3) * 1e9)
     return flops / seconds / 1e9
 
 

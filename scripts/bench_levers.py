@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -78,13 +77,12 @@ def main() -> None:
             folder, plan = plan_sweep(
                 args.recipe, sets, parse_grid([f"optim.lr={lrs(arm)}"]), args.out / f"{arm}-x{budget}"
             )
-            began = time.perf_counter()
             for _, recipe, run_dir in plan:
                 train(recipe, run_dir, Console(quiet=True))
-            seconds = time.perf_counter() - began
             runs = [load_run(run_dir) for _, _, run_dir in plan]
             best = min(runs, key=lambda r: r.last("val_loss"))
-            results[arm] = (best, seconds / len(plan))
+            # the best run's own training time (summary.json), so a resumed sweep reports it too
+            results[arm] = (best, (best.summary or {}).get("seconds", float("nan")))
             console.print(
                 f"x{budget} {arm}: " + ", ".join(f"{r.name} {r.last('val_loss'):.4f}" for r in runs)
             )
@@ -110,7 +108,7 @@ def main() -> None:
         "best lr",
         "final val loss",
         "best val loss",
-        "min/run",
+        "min (best run)",
         "AdamW tokens to Muon's loss",
     ):
         table.add_column(column, justify="left" if column in ("budget", "arm") else "right")
