@@ -152,3 +152,19 @@ def test_mixture_works_with_metadata_packing_and_the_hybrid_objective(two_source
              "objective": "hybrid"}  # fmt: skip
     result, logged = run(two_sources, tmp_path, "all", **extra)
     assert result.steps == 8 and all(np.isfinite(loss) for loss, _ in logged.values())
+
+
+@pytest.mark.slow
+def test_two_processes_draw_the_mixture_as_one_does(two_sources, tmp_path):
+    from test_distributed import losses as logged_losses
+    from test_distributed import train as train_cli
+
+    train_cli(two_sources, tmp_path / "cache", tmp_path / "one", 6, nproc=1, **{"data.mixture": MIX})
+    train_cli(two_sources, tmp_path / "cache", tmp_path / "two", 6, nproc=2, **{"data.mixture": MIX})
+    one, two = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    assert max(abs(one[s] - two[s]) / one[s] for s in one) < 1e-3
+    words = [json.loads(line)["words"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in line]  # fmt: skip
+    assert words[-1] == [json.loads(line)["words"] for line in (tmp_path / "one" / "metrics.jsonl").read_text()
+                         .splitlines() if "loss" in line][-1]  # fmt: skip
