@@ -401,10 +401,15 @@ class _ChunkedLMLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_losses):  # noqa: ANN001, ANN205
-        grad_h, grad_w, denominator = ctx.saved_tensors
-        scale = grad_loss / denominator
-        h_dtype, w_dtype = ctx.dtypes
-        return (grad_h * scale).to(h_dtype), (grad_w * scale).to(w_dtype), None, None, None, None, None
+        return *_stored_input_grads(ctx, grad_loss), None, None, None, None, None
+
+
+def _stored_input_grads(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """The chunked losses' backward: the gradients their forward stored, scaled by the incoming one."""
+    grad_h, grad_w, denominator = ctx.saved_tensors
+    scale = grad_loss / denominator
+    h_dtype, w_dtype = ctx.dtypes
+    return (grad_h * scale).to(h_dtype), (grad_w * scale).to(w_dtype)
 
 
 def chunked_distill_loss(
@@ -482,10 +487,7 @@ class _ChunkedDistillLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):  # noqa: ANN001, ANN205
-        grad_h, grad_w, denominator = ctx.saved_tensors
-        scale = grad_loss / denominator
-        h_dtype, w_dtype = ctx.dtypes
-        return (grad_h * scale).to(h_dtype), (grad_w * scale).to(w_dtype), *([None] * (ctx.n_inputs - 2))
+        return *_stored_input_grads(ctx, grad_loss), *([None] * (ctx.n_inputs - 2))
 
 
 class Decoder(nn.Module):
@@ -546,7 +548,8 @@ class Decoder(nn.Module):
         loss_weights (float, shaped like targets) turn the mean into a weighted sum over targets.
         cu_seqlens (int32 document offsets in the flattened batch, loader.document_bounds) keeps
         packed documents apart with variable-length flash attention instead of a mask: CUDA, bf16
-        or fp16 only (see use_varlen_attention). return_token_losses adds each target's loss.
+        or fp16 only (see use_varlen_attention). return_token_losses adds each target's loss (with
+        return_logits=False).
         Without targets, return_hidden gives the final hidden states instead of logits (a teacher's
         part of distillation); with targets, distill mixes in the loss to teachers' distribution.
         """
@@ -578,29 +581,20 @@ class Decoder(nn.Module):
             if distill is not None:
                 loss = chunked_distill_loss(hidden, self.lm_head.weight, targets, distill)
                 return DecoderOutput(logits=None, loss=loss)
-            if return_token_losses:
-                loss, losses = chunked_lm_loss(
-                    hidden, self.lm_head.weight, targets, loss_weights, token_losses=True
-                )
-                return DecoderOutput(logits=None, loss=loss, token_losses=losses)
-            return DecoderOutput(
-                logits=None, loss=chunked_lm_loss(hidden, self.lm_head.weight, targets, loss_weights)
+            out = chunked_lm_loss(
+                hidden, self.lm_head.weight, targets, loss_weights, token_losses=return_token_losses
             )
+            loss, losses = out if return_token_losses else (out, None)
+            return DecoderOutput(logits=None, loss=loss, token_losses=losses)
         logits = self.lm_head(hidden)
-        loss = token_losses = None
+        loss = None
         if targets is not None:
             # fp32 for the softmax: bf16 logits lose too much precision over a large vocabulary
             losses = F.cross_entropy(
                 logits.float().view(-1, logits.size(-1)),
                 targets.reshape(-1),
                 ignore_index=IGNORE_INDEX,
-                reduction="none" if loss_weights is not None or return_token_losses else "mean",
+                reduction="none" if loss_weights is not None else "mean",
             )
-            if loss_weights is not None:
-                loss = (losses * loss_weights.reshape(-1)).sum()
-            elif return_token_losses:
-                loss = losses.sum() / (targets != IGNORE_INDEX).sum()
-            else:
-                loss = losses
-            token_losses = losses.detach() if return_token_losses else None
-        return DecoderOutput(logits=logits, loss=loss, token_losses=token_losses)
+            loss = losses if loss_weights is None else (losses * loss_weights.reshape(-1)).sum()
+        return DecoderOutput(logits=logits, loss=loss)
