@@ -8,17 +8,27 @@ from typer.testing import CliRunner
 
 from conftest import tiny_run_args, write_babylm_folder
 from lm_pretrain.cli import app
-from lm_pretrain.data.loader import validation_sources
+from lm_pretrain.data.loader import validation_batches, validation_sources, validation_window_starts
 
 
 def test_each_target_gets_the_source_of_its_document():
-    import torch
 
     offsets = np.array([0, 5, 12, 20])  # three documents
     sources = np.array([2, 0, 1])
-    batches = [(torch.zeros(2, 4), None), (torch.zeros(1, 4), None)]  # windows of 4: targets 1-4, 5-8, 9-12
-    got = validation_sources(offsets, sources, 4, batches)
+    starts = np.array([0, 4, 8])  # windows of 4: targets 1-4, 5-8, 9-12
+    got = validation_sources(offsets, sources, starts, 4, 2)
     assert got[0].tolist() == [[2, 2, 2, 2], [0, 0, 0, 0]] and got[1].tolist() == [[0, 0, 0, 1]]
+
+
+def test_a_small_budget_draws_windows_from_the_whole_split():
+    # 10 windows' worth of tokens, a budget of 3: windows from the start, middle and end
+    starts = validation_window_starts(41, 4, 12)
+    assert starts.tolist() == [0, 12, 24]
+    assert validation_window_starts(41, 4, 1000).tolist() == [4 * i for i in range(10)]  # all of it
+    # each window of validation_batches is the split at its start
+    tokens = np.arange(41)
+    inputs, targets = validation_batches(tokens, 4, 12, 8, bos_token_id=10_000)[0]
+    assert inputs[:, 0].tolist() == [0, 12, 24] and targets[:, -1].tolist() == [4, 16, 28]
 
 
 @pytest.mark.slow

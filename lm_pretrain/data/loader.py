@@ -297,32 +297,37 @@ def causal_mask(inputs: torch.Tensor, bidirectional: torch.Tensor | None) -> tor
     return causal | bidirectional.to(inputs.device)[:, None, None]
 
 
+def validation_window_starts(n_tokens: int, seq_len: int, max_tokens: int) -> np.ndarray:
+    """Where each validation window starts: spread evenly over the whole split, so that a budget
+    smaller than the split still samples every part of it (the split is ordered by source)."""
+    available = (n_tokens - 1) // seq_len
+    count = min(max(1, max_tokens // seq_len), available)
+    if count < 1:
+        raise LmpError(
+            f"the validation split has {n_tokens} tokens, fewer than one window of seq_len "
+            f"{seq_len}; raise data.validation_fraction or lower train.seq_len"
+        )
+    return (np.arange(count) * available // count) * seq_len
+
+
 def validation_batches(
     tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int, bos_token_id: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Fixed consecutive windows from the start of the validation split, the same at every eval."""
-    count = min(max(1, max_tokens // seq_len), (len(tokens) - 1) // seq_len)
-    if count < 1:
-        raise LmpError(
-            f"the validation split has {len(tokens)} tokens, fewer than one window of seq_len "
-            f"{seq_len}; raise data.validation_fraction or lower train.seq_len"
-        )
-    rows = np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in range(count)])
+    """Fixed windows of the validation split (validation_window_starts), the same at every eval."""
+    starts = validation_window_starts(len(tokens), seq_len, max_tokens)
+    rows = np.stack([tokens[i : i + seq_len + 1] for i in starts])
     rows_t = torch.from_numpy(rows.astype(np.int64))
     return [
-        split_inputs_targets(rows_t[i : i + batch_size], bos_token_id) for i in range(0, count, batch_size)
+        split_inputs_targets(rows_t[i : i + batch_size], bos_token_id)
+        for i in range(0, len(starts), batch_size)
     ]
 
 
 def validation_sources(
-    doc_offsets: np.ndarray, doc_sources: np.ndarray, seq_len: int, batches: list
+    doc_offsets: np.ndarray, doc_sources: np.ndarray, starts: np.ndarray, seq_len: int, batch_size: int
 ) -> list[torch.Tensor]:
     """For validation_batches, each target position's source index (that of its document)."""
-    out, window = [], 0
-    for inputs, *_ in batches:
-        rows = np.arange(window, window + len(inputs))
-        positions = rows[:, None] * seq_len + 1 + np.arange(seq_len)[None, :]  # the targets' tokens
-        docs = np.clip(np.searchsorted(doc_offsets, positions, side="right") - 1, 0, len(doc_sources) - 1)
-        out.append(torch.from_numpy(doc_sources[docs].astype(np.int64)))
-        window += len(inputs)
-    return out
+    positions = starts[:, None] + 1 + np.arange(seq_len)[None, :]  # the targets' tokens
+    docs = np.clip(np.searchsorted(doc_offsets, positions, side="right") - 1, 0, len(doc_sources) - 1)
+    by_window = torch.from_numpy(doc_sources[docs].astype(np.int64))
+    return list(by_window.split(batch_size))

@@ -12,7 +12,13 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from lm_pretrain.average import WeightAverager
-from lm_pretrain.data.loader import PackedWindows, seq_len_stages, validation_batches, validation_sources
+from lm_pretrain.data.loader import (
+    PackedWindows,
+    seq_len_stages,
+    validation_batches,
+    validation_sources,
+    validation_window_starts,
+)
 from lm_pretrain.data.masking import VALIDATION_SAMPLES, MntpMasker
 from lm_pretrain.data.mixture import (
     MixedWindows,
@@ -186,10 +192,12 @@ def length_stages(recipe: Recipe, data: PreparedData, bos: int | None, main_step
     return {"stages": seq_len_stages(schedule, main_steps), "stage_windows": windows}
 
 
-def source_validation(data: PreparedData, val_batches: list) -> dict[str, Any]:
+def source_validation(data: PreparedData, val_batches: list, eval_tokens: int) -> dict[str, Any]:
     """The Trainer's per-source validation for a corpus of several sources (none for one)."""
     if len(data.val.sources) < 2:
         return {}
     val = data.val
-    sources = validation_sources(val.doc_offsets, val.doc_sources, val_batches[0][0].shape[1], val_batches)
+    seq_len = val_batches[0][0].shape[1]
+    starts = validation_window_starts(len(val.tokens), seq_len, eval_tokens)
+    sources = validation_sources(val.doc_offsets, val.doc_sources, starts, seq_len, len(val_batches[0][0]))
     return {"val_sources": sources, "source_names": list(val.sources)}

@@ -288,7 +288,7 @@ def _train(
         accum=accum, batches=items, windows=windows, words_per_token=words_per_token,
         val_batches=val_batches, val_mntp_batches=val_mntp_batches, document_bos=document_bos,
         sink=sink, stop=stop, console=console, callbacks=callbacks, teachers=teachers,
-        **source_validation(data, val_batches),
+        **source_validation(data, val_batches, recipe.train.eval_tokens),
     )  # fmt: skip
     if start_from is None:
         trainer.validate_before_training()
