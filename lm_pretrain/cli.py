@@ -301,6 +301,13 @@ def eval_(
         bool, typer.Option("--ensemble", help="score the models as one: their averaged probabilities")
     ] = False,
     trust_remote_code: TrustOpt = False,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="auto (bf16 where it is faster), bf16 (items too close to call rescored in fp32, "
+            "so decisions are fp32's), or fp32"
+        ),
+    ] = "auto",
 ) -> None:
     """Zero-shot BabyLM evaluation (official scoring rules), grammar probe, and perplexity."""
     from lm_pretrain.eval.report import field_table, summary_table, task_table, write_json, write_predictions
@@ -317,6 +324,7 @@ def eval_(
     result = evaluate(
         models if ensemble else models[0], chosen, data_dir, backend, fast, _newlines(prefix), strict_ties, text, seed,
         console=console, explicit_tasks=tasks is not None, trust_remote_code=trust_remote_code,
+        precision=precision,
     )  # fmt: skip
     for task in result.tasks:
         console.print(task_table(task))

@@ -1,10 +1,13 @@
-"""Speed of `lmp eval` scoring against a one-sentence-at-a-time reference on the same model and items.
+"""Speed of `lmp eval` scoring: fp32 batched, bf16 batched with fp32 rescoring of close items, and
+a one-sentence-at-a-time fp32 reference, on the same model and items.
 
     python scripts/bench_eval.py MODEL [--blimp DIR] [--pairs-per-uid N] [--uids K] [--probe N]
+                                 [--no-reference]
 
-Prints both wall times, their ratio (target: at least 5x), the accuracy difference (must be exactly
-0: batching must never change a decision) and the largest per-candidate log-probability difference
-(float rounding of different batch shapes). A tiny CI run: --pairs-per-uid 2 --uids 3 --probe 2.
+Prints the wall times and their ratios (targets: batched at least 5x the reference, bf16 at least
+2x fp32 batched), how many decisions differ (batching and bf16 must never change one: 0), how many
+items bf16 alone would have decided otherwise and how many it sent back to fp32, and the largest
+per-candidate log-probability differences. A tiny CI run: --pairs-per-uid 2 --uids 3 --probe 2.
 Always compare times measured in one run, on one machine.
 """
 
@@ -15,10 +18,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lm_pretrain.eval.probe import probe_items
 from lm_pretrain.eval.report import judge
-from lm_pretrain.eval.runner import score_items
+from lm_pretrain.eval.runner import needs_fp32, score_items
 from lm_pretrain.eval.scoring import load_scoring_model, score_one_at_a_time
 from lm_pretrain.eval.tasks import Item, read_blimp
 from lm_pretrain.generate import resolve_model_folder
@@ -55,6 +59,12 @@ def main() -> None:
     parser.add_argument("--uids", type=int, default=None, help="only the first K BLiMP UIDs")
     parser.add_argument("--probe", type=int, default=20, help="probe pairs per phenomenon")
     parser.add_argument("--backend", default="causal", choices=["causal", "mlm", "mntp"])
+    parser.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="skip the (slow) one-at-a-time reference",
+    )
     args = parser.parse_args()
 
     sm = load_scoring_model(resolve_model_folder(args.model), args.backend)
@@ -68,32 +78,68 @@ def main() -> None:
     candidates = sum(len(i.sentences) for items in tasks.values() for i in items)
     print(f"model {sm.folder}, backend {sm.backend}, {candidates:,} candidates")
 
-    timings = {"batched": 0.0, "reference": 0.0}
-    worst = 0.0
+    timings = {"fp32": 0.0, "bf16": 0.0, "reference": 0.0}
+    worst = {"batched": 0.0, "bf16": 0.0, "bf16_relative": 0.0}
     for task, items in tasks.items():
         start = time.perf_counter()
-        batched = score_items(sm, items)
-        timings["batched"] += time.perf_counter() - start
+        batched = score_items(sm, items, precision="fp32")
+        timings["fp32"] += time.perf_counter() - start
         start = time.perf_counter()
-        reference = reference_scores(sm, items)
-        timings["reference"] += time.perf_counter() - start
-
-        a, b = judge(task, "", items, batched), judge(task, "", items, reference)
-        flips = sum(
-            (x[0] >= x[1:].max()) != (y[0] >= y[1:].max()) for x, y in zip(batched, reference, strict=True)
+        checked = score_items(sm, items, precision="bf16")
+        timings["bf16"] += time.perf_counter() - start
+        with torch.autocast(sm.device.type, torch.bfloat16):
+            raw = score_items(sm, items, precision="fp32")  # bf16 before any rescoring
+        rescored = sum(needs_fp32(x) for x in raw)
+        worst["bf16"] = max(
+            worst["bf16"], max(float(np.max(np.abs(x - y))) for x, y in zip(raw, batched, strict=True))
         )
-        diff = max(float(np.max(np.abs(x - y))) for x, y in zip(batched, reference, strict=True))
-        worst = max(worst, diff)
-        print(
-            f"{task}: {len(items):,} items, batched {a.mean:.4f}% vs reference {b.mean:.4f}%: "
-            f"score difference {abs(a.mean - b.mean):.4f} points, {flips} decision(s) differ, "
-            f"max |log-prob difference| {diff:.2e}"
+        worst["bf16_relative"] = max(
+            worst["bf16_relative"],
+            max(
+                float(np.max(np.abs(x - y) / np.maximum(np.abs(y), 1e-6)))
+                for x, y in zip(raw, batched, strict=True)
+            ),
         )
-    ratio = timings["reference"] / timings["batched"]
+        line = (
+            f"{task}: {len(items):,} items; bf16 alone decides {decisions_differ(raw, batched)} otherwise "
+            f"than fp32, {rescored} ({rescored / len(items):.1%}) rescored in fp32, then "
+            f"{decisions_differ(checked, batched)} differ; UIDs whose accuracy differs: "
+            f"{uids_differ(task, items, checked, batched)}"
+        )
+        if args.reference:
+            start = time.perf_counter()
+            reference = reference_scores(sm, items)
+            timings["reference"] += time.perf_counter() - start
+            diff = max(float(np.max(np.abs(x - y))) for x, y in zip(batched, reference, strict=True))
+            worst["batched"] = max(worst["batched"], diff)
+            line += f"; fp32 batched vs reference: {decisions_differ(batched, reference)} differ, max |diff| {diff:.2e}"
+        print(line)
+    pairs = sum(len(items) for items in tasks.values())
     print(
-        f"wall time: batched {timings['batched']:.2f}s, one-at-a-time {timings['reference']:.2f}s, "
-        f"ratio {ratio:.1f}x (target >= 5x); max |log-prob difference| {worst:.2e}"
+        f"wall time: fp32 batched {timings['fp32']:.2f}s ({pairs / timings['fp32']:.1f} items/s), "
+        f"bf16 checked {timings['bf16']:.2f}s ({pairs / timings['bf16']:.1f} items/s), "
+        f"ratio {timings['fp32'] / timings['bf16']:.2f}x (target >= 2x); max |bf16 - fp32| "
+        f"{worst['bf16']:.3f} nats, {worst['bf16_relative']:.2%} of the score"
     )
+    if args.reference:
+        print(
+            f"one-at-a-time reference {timings['reference']:.2f}s: fp32 batched "
+            f"{timings['reference'] / timings['fp32']:.1f}x faster (target >= 5x); max |log-prob "
+            f"difference| {worst['batched']:.2e}"
+        )
+
+
+def decisions_differ(a: list[np.ndarray], b: list[np.ndarray]) -> int:
+    """Items whose chosen candidate or correctness differs between two scorings."""
+    return sum(
+        (x[0] > x[1:].max()) != (y[0] > y[1:].max()) or int(np.argmax(x)) != int(np.argmax(y))
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def uids_differ(task: str, items: list[Item], a: list[np.ndarray], b: list[np.ndarray]) -> int:
+    x, y = judge(task, "", items, a), judge(task, "", items, b)
+    return sum(x.uids[u].correct != y.uids[u].correct for u in x.uids)
 
 
 if __name__ == "__main__":

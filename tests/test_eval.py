@@ -454,3 +454,23 @@ def test_training_eval_notes_a_full_set_under_fast(tiny_run, tmp_path):
     assert len(fast.notes) == 1 and "is a full set (3 items)" in fast.notes[0]
     few = EvalConfig(tasks=["blimp"], data_dir=str(blimp), items_per_uid=2)
     assert TrainingEvaluator(few, tiny_run / "final", ["causal"]).notes == []
+
+
+def test_bf16_scoring_keeps_every_fp32_decision_and_rescores_close_items(causal):
+    from lm_pretrain.eval.runner import needs_fp32
+
+    items = probe_items(seed=5, per_phenomenon=20)
+    items += [Item("same", ("The man is here.",) * 2, ("The man is here.",) * 2, "x")]
+    fp32 = score_items(causal, items, precision="fp32")
+    bf16 = score_items(causal, items, precision="bf16")
+    with torch.autocast("cpu", torch.bfloat16):
+        raw = score_items(causal, items, precision="fp32")  # bf16 without the rescoring
+    # bf16 ran: scores of items it decided alone differ from fp32's, items too close are fp32's own
+    decided = [k for k, x in enumerate(raw) if not needs_fp32(x)]
+    close = [k for k, x in enumerate(raw) if needs_fp32(x)]
+    assert decided and close and len(items) - 1 in close  # the identical pair ties: always rescored
+    assert max(float(np.max(np.abs(bf16[k] - fp32[k]))) for k in decided) > 1e-3
+    for k in close:  # fp32 again (in other batches, so equal up to float rounding)
+        np.testing.assert_allclose(bf16[k], fp32[k], atol=1e-4)
+    assert [int(np.argmax(x)) for x in bf16] == [int(np.argmax(x)) for x in fp32]
+    assert judge("probe", "", items, bf16).uids == judge("probe", "", items, fp32).uids
