@@ -350,9 +350,13 @@ def prep_throughput(vocab: int, max_documents: int | None = None) -> dict:
     }
 
 
-def eval_throughput(shape: Shape, tokenizer: Any, cfg: Any, pairs_per_phenomenon: int = 20) -> dict:
+def eval_throughput(
+    shape: Shape, tokenizer: Any, cfg: Any, pairs_per_phenomenon: int = 20, fp32_peak_gflops: float = 0.0
+) -> dict:
     """Minimal pairs scored per second by `lmp eval`'s scorer on lmp's grammar probe, for an
-    (untrained) model of the benchmark's shape; the speed does not depend on the weights."""
+    (untrained) model of the benchmark's shape, in fp32 and in bf16 with the fp32 rescoring of close
+    items; and the fp32 scoring's matmul work per second as a fraction of the fp32 matmul peak (its
+    limit). The speed does not depend on the weights, but how many items are rescored does."""
     try:
         from lm_pretrain.eval.probe import probe_items
         from lm_pretrain.eval.runner import score_items
@@ -368,16 +372,27 @@ def eval_throughput(shape: Shape, tokenizer: Any, cfg: Any, pairs_per_phenomenon
     config.bos_token_id, config.eos_token_id, config.pad_token_id = ids["bos"], ids["eos"], ids["pad"]
     model = Decoder(config)
     items = probe_items(0, pairs_per_phenomenon)
+    sentences = {s for item in items for s in item.sentences}
+    # each distinct sentence runs once: 2 FLOPs per weight per input token (attention is negligible)
+    tokens = sum(len(tokenizer.encode(s).ids) - 1 for s in sentences)
+    flops = (
+        2 * (model.num_parameters(exclude_embeddings=True) + config.vocab_size * config.hidden_size) * tokens
+    )
+    out: dict[str, Any] = {"available": True, "pairs": len(items)}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         save_model(model, folder)
         save_hf_tokenizer(tokenizer, folder, cfg, config.max_seq_len)
         sm = load_scoring_model(folder, "causal", device="cuda" if torch.cuda.is_available() else "cpu")
-        score_items(sm, items[:4])  # warm-up
-        start = time.perf_counter()
-        score_items(sm, items)
-        seconds = time.perf_counter() - start
-    return {"available": True, "pairs": len(items), "seconds": seconds, "pairs_per_s": len(items) / seconds}
+        for precision in ("fp32", "bf16"):
+            score_items(sm, items[:4], precision=precision)  # warm-up
+            start = time.perf_counter()
+            score_items(sm, items, precision=precision)
+            seconds = time.perf_counter() - start
+            out[f"{precision}_pairs_per_s"] = len(items) / seconds
+        fp32_gflops = flops / (len(items) / out["fp32_pairs_per_s"]) / 1e9
+        out["fp32_limit_fraction"] = fp32_gflops / fp32_peak_gflops if fp32_peak_gflops else None
+    return out
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -494,7 +509,9 @@ def run_bench(
         prep_result = prep_throughput(shape.vocab, prep_documents)
         if eval_pairs > 0:
             log("minimal-pair scoring")
-            eval_result = eval_throughput(shape, prep_result["_tokenizer"], prep_result["_cfg"], eval_pairs)
+            eval_result = eval_throughput(
+                shape, prep_result["_tokenizer"], prep_result["_cfg"], eval_pairs, peaks["fp32"]
+            )
         prep_result = {k: v for k, v in prep_result.items() if not k.startswith("_")}
 
     return BenchResult(

@@ -118,6 +118,8 @@ def test_bench_tiny_run(tmp_path):
         assert m.peak_memory_mb is not None
     assert result.ratios[f"{LMP} / {HF}"] > 0
     assert result.prep["encode_tokens_per_s"] > 0
+    assert result.eval["fp32_pairs_per_s"] > 0 and result.eval["bf16_pairs_per_s"] > 0
+    assert 0 < result.eval["fp32_limit_fraction"] < 2
     out = tmp_path / "bench.json"
     write_json(result, out)
     saved = json.loads(out.read_text())
