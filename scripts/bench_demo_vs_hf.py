@@ -122,9 +122,10 @@ def main() -> None:
                 json.loads(line) for line in (args.out / arm / "metrics.jsonl").read_text().splitlines()
             ]
             val_loss = [x["val_loss"] for x in records if "val_loss" in x][-1]
-            rows[f"lmp ({'compiled' if compile_ else 'eager'})"] = {"seconds": seconds, "val_loss": val_loss}
+            name = f"lmp train ({'compiled' if compile_ else 'eager'}, {r.optim.kind})"
+            rows[name] = {"seconds": seconds, "val_loss": val_loss}
         else:
-            rows[f"HF Trainer ({'torch_compile' if arm == 'hf-compiled' else 'eager'})"] = hf_arm(
+            rows[f"HF Trainer ({'torch_compile' if arm == 'hf-compiled' else 'eager'}, adamw)"] = hf_arm(
                 recipe, data, ids, arm == "hf-compiled", args.out / arm, val
             )
         console.print(f"{arm}: {rows[list(rows)[-1]]}")

@@ -9,6 +9,8 @@ Each arm (adamw, muon, adamw + seq_len_schedule) trains the recipe at each LR of
 For every arm and budget it prints the best LR's final validation loss, its wall time, and, for
 Muon, the share of AdamW's tokens AdamW needs to reach Muon's final loss (from AdamW's validation
 curve; "not reached" if it never does). Validation runs every 1/20 of training for that curve.
+The arms muon+hybrid and muon+hybrid+hard (--arms) compare random and hard-token masking under
+the hybrid objective; their masked validation loss is on the same randomly masked windows.
 Equal tokens: every arm trains the same steps x batch x seq_len. A tiny CI run:
     --steps 4 --lrs 2e-3 --budgets 1 --set model.hidden_size=32 --set model.max_seq_len=64 ...
 """
@@ -37,6 +39,9 @@ def arms(seq_len: int) -> dict[str, list[str]]:
         "adamw": ["optim.kind=adamw"],
         "muon": ["optim.kind=muon"],
         "adamw+seq_len_schedule": ["optim.kind=adamw", f"train.seq_len_schedule={stages}"],
+        # the hybrid objective with random or hard-token masking (not in the default --arms)
+        "muon+hybrid": ["optim.kind=muon", "objective=hybrid"],
+        "muon+hybrid+hard": ["optim.kind=muon", "objective=hybrid", "hybrid.masking=hard"],
     }
 
 
@@ -97,8 +102,10 @@ def main() -> None:
             if arm == "muon" and total is not None:
                 ratio = f"{reached / total:.2f}" if reached else "not reached"
             lr = run.recipe["optim"]["lr"]
+            masked = run.last("val_mntp_loss")
             rows.append((f"x{budget} ({steps} steps)", arm, f"{lr:g}", f"{run.last('val_loss'):.4f}",
-                         f"{best_val_loss(run)[0]:.4f}", f"{seconds / 60:.1f}", ratio))  # fmt: skip
+                         f"{best_val_loss(run)[0]:.4f}", f"{masked:.4f}" if masked is not None else "-",
+                         f"{seconds / 60:.1f}", ratio))  # fmt: skip
     table = Table(
         title=f"{args.recipe.name}: each arm at its best LR of {args.lrs} (Muon: {args.muon_lrs or args.lrs}), equal tokens"
     )
@@ -108,6 +115,7 @@ def main() -> None:
         "best lr",
         "final val loss",
         "best val loss",
+        "masked val loss",
         "min (best run)",
         "AdamW tokens to Muon's loss",
     ):
