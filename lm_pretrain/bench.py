@@ -354,9 +354,11 @@ def eval_throughput(
     shape: Shape, tokenizer: Any, cfg: Any, pairs_per_phenomenon: int = 20, fp32_peak_gflops: float = 0.0
 ) -> dict:
     """Minimal pairs scored per second by `lmp eval`'s scorer on lmp's grammar probe, for an
-    (untrained) model of the benchmark's shape, in fp32 and in bf16 with the fp32 rescoring of close
-    items; and the fp32 scoring's matmul work per second as a fraction of the fp32 matmul peak (its
-    limit). The speed does not depend on the weights, but how many items are rescored does."""
+    (untrained) model of the benchmark's shape: in fp32, and with the forward passes under bf16
+    autocast; and the fp32 scoring's matmul work per second as a fraction of the fp32 matmul peak
+    (its limit). The speed does not depend on the weights, but `--precision bf16` also rescores in
+    fp32 the items too close to call, and an untrained model leaves nearly all of them close, so
+    that share is measured on a trained model (scripts/bench_eval.py)."""
     try:
         from lm_pretrain.eval.probe import probe_items
         from lm_pretrain.eval.runner import score_items
@@ -385,10 +387,11 @@ def eval_throughput(
         save_hf_tokenizer(tokenizer, folder, cfg, config.max_seq_len)
         sm = load_scoring_model(folder, "causal", device="cuda" if torch.cuda.is_available() else "cpu")
         for precision in ("fp32", "bf16"):
-            score_items(sm, items[:4], precision=precision)  # warm-up
-            start = time.perf_counter()
-            score_items(sm, items, precision=precision)
-            seconds = time.perf_counter() - start
+            with torch.autocast(sm.device.type, torch.bfloat16, enabled=precision == "bf16"):
+                score_items(sm, items[:4], precision="fp32")  # warm-up
+                start = time.perf_counter()
+                score_items(sm, items, precision="fp32")
+                seconds = time.perf_counter() - start
             out[f"{precision}_pairs_per_s"] = len(items) / seconds
         fp32_gflops = flops / (len(items) / out["fp32_pairs_per_s"]) / 1e9
         out["fp32_limit_fraction"] = fp32_gflops / fp32_peak_gflops if fp32_peak_gflops else None

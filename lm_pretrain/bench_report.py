@@ -69,7 +69,7 @@ def result_lines(result: BenchResult) -> list[str]:
             lines.append(
                 f"eval: {e['pairs']} probe minimal pairs, fp32 {e['fp32_pairs_per_s']:,.1f} pairs/s"
                 + (f" ({limit:.0%} of the fp32 matmul limit)" if limit else "")
-                + f", bf16 with fp32 rescoring {e['bf16_pairs_per_s']:,.1f} pairs/s "
+                + f", bf16 forward passes {e['bf16_pairs_per_s']:,.1f} pairs/s "
                 f"({e['bf16_pairs_per_s'] / e['fp32_pairs_per_s']:.2f}x)"
             )
         else:
