@@ -361,7 +361,7 @@ def eval_throughput(
     that share is measured on a trained model (scripts/bench_eval.py)."""
     try:
         from lm_pretrain.eval.probe import probe_items
-        from lm_pretrain.eval.runner import score_items
+        from lm_pretrain.eval.runner import score_items_as_set
         from lm_pretrain.eval.scoring import load_scoring_model
     except ImportError as exc:
         return {"available": False, "reason": f"lm_pretrain.eval not available ({exc})"}
@@ -388,9 +388,9 @@ def eval_throughput(
         sm = load_scoring_model(folder, "causal", device="cuda" if torch.cuda.is_available() else "cpu")
         for precision in ("fp32", "bf16"):
             with torch.autocast(sm.device.type, torch.bfloat16, enabled=precision == "bf16"):
-                score_items(sm, items[:4], precision="fp32")  # warm-up
+                score_items_as_set(sm, items[:4])  # warm-up
                 start = time.perf_counter()
-                score_items(sm, items, precision="fp32")
+                score_items_as_set(sm, items)
                 seconds = time.perf_counter() - start
             out[f"{precision}_pairs_per_s"] = len(items) / seconds
         fp32_gflops = flops / (len(items) / out["fp32_pairs_per_s"]) / 1e9

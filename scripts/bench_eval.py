@@ -22,7 +22,7 @@ import torch
 
 from lm_pretrain.eval.probe import probe_items
 from lm_pretrain.eval.report import judge
-from lm_pretrain.eval.runner import needs_fp32, score_items
+from lm_pretrain.eval.runner import needs_fp32, score_items, score_items_as_set
 from lm_pretrain.eval.scoring import load_scoring_model, score_one_at_a_time
 from lm_pretrain.eval.tasks import Item, read_blimp
 from lm_pretrain.generate import resolve_model_folder
@@ -88,7 +88,7 @@ def main() -> None:
         checked = score_items(sm, items, precision="bf16")
         timings["bf16"] += time.perf_counter() - start
         with torch.autocast(sm.device.type, torch.bfloat16):
-            raw = score_items(sm, items, precision="fp32")  # bf16 before any rescoring
+            raw = score_items_as_set(sm, items)  # bf16 before any rescoring
         rescored = sum(needs_fp32(x) for x in raw)
         worst["bf16"] = max(
             worst["bf16"], max(float(np.max(np.abs(x - y))) for x, y in zip(raw, batched, strict=True))

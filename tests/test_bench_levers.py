@@ -29,7 +29,13 @@ def test_bench_levers_tiny(bible_corpus, tmp_path):
     for arm in ("adamw", "muon", "adamw+seq_len_schedule", "muon+hybrid", "muon+hybrid+hard"):
         assert (tmp_path / "levers" / f"{arm}-x1" / "lr-2e-3" / "summary.json").is_file(), arm
     arms = [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("x1 ")]
-    assert arms == ["x1 adamw", "x1 muon", "x1 adamw+seq_len_schedule", "x1 muon+hybrid", "x1 muon+hybrid+hard"]
+    assert arms == [
+        "x1 adamw",
+        "x1 muon",
+        "x1 adamw+seq_len_schedule",
+        "x1 muon+hybrid",
+        "x1 muon+hybrid+hard",
+    ]
     hard = (tmp_path / "levers" / "muon+hybrid+hard-x1" / "lr-2e-3" / "recipe.yaml").read_text()
     assert "masking: hard" in hard
     assert "each arm at its best LR" in done.stdout

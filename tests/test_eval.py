@@ -457,14 +457,14 @@ def test_training_eval_notes_a_full_set_under_fast(tiny_run, tmp_path):
 
 
 def test_bf16_scoring_keeps_every_fp32_decision_and_rescores_close_items(causal):
-    from lm_pretrain.eval.runner import needs_fp32
+    from lm_pretrain.eval.runner import needs_fp32, score_items_as_set
 
     items = probe_items(seed=5, per_phenomenon=20)
     items += [Item("same", ("The man is here.",) * 2, ("The man is here.",) * 2, "x")]
     fp32 = score_items(causal, items, precision="fp32")
     bf16 = score_items(causal, items, precision="bf16")
     with torch.autocast("cpu", torch.bfloat16):
-        raw = score_items(causal, items, precision="fp32")  # bf16 without the rescoring
+        raw = score_items_as_set(causal, items)  # bf16 without the rescoring
     # bf16 ran: scores of items it decided alone differ from fp32's, items too close are fp32's own
     decided = [k for k, x in enumerate(raw) if not needs_fp32(x)]
     close = [k for k, x in enumerate(raw) if needs_fp32(x)]

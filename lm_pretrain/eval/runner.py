@@ -95,16 +95,22 @@ def score_items(
     """Every candidate of every item in batched calls, split back per item. precision "bf16": the
     forward passes run under bf16 autocast and items too close to call are rescored in fp32, so
     every decision is the fp32 one."""
-    with torch.autocast(sm.device.type, torch.bfloat16, enabled=precision == "bf16"):
-        out = _score_flat(sm, items, token_budget)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    with torch.autocast(sm.device.type, dtype, enabled=precision == "bf16"):
+        out = score_items_as_set(sm, items, token_budget)
     if precision == "bf16":
         close = [k for k, scores in enumerate(out) if needs_fp32(scores)]
-        for k, scores in zip(close, _score_flat(sm, [items[k] for k in close], token_budget), strict=True):
+        with torch.autocast(sm.device.type, enabled=False):
+            rescored = score_items_as_set(sm, [items[k] for k in close], token_budget)
+        for k, scores in zip(close, rescored, strict=True):
             out[k] = scores
     return out
 
 
-def _score_flat(sm: ScoringModel, items: list[Item], token_budget: int | None) -> list[np.ndarray]:
+def score_items_as_set(
+    sm: ScoringModel, items: list[Item], token_budget: int | None = None
+) -> list[np.ndarray]:
+    """score_items in whatever autocast the caller runs, without rescoring."""
     if not items:
         return []
     sentences = [s for item in items for s in item.sentences]

@@ -156,8 +156,10 @@ def _causal_token_logprobs(
         for start in range(0, len(indices), rows):
             chunk = indices[start : start + rows]
             ids = torch.tensor([sequences[i] for i in chunk], dtype=torch.long, device=sm.device)
-            logprobs = torch.log_softmax(_logits(sm.model, ids[:, :-1]), dim=-1)
-            picked = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu().numpy()
+            logits = _logits(sm.model, ids[:, :-1])
+            # log_softmax read at the targets only: no second full-vocabulary tensor is written
+            target = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            picked = (target - torch.logsumexp(logits, dim=-1)).cpu().numpy()
             for row, i in enumerate(chunk):
                 result[i] = picked[row]
     return result
