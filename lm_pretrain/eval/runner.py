@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -72,11 +71,11 @@ def parse_tasks(text: str | None, data_dir: Path | None, fast: bool = False) -> 
     return list(dict.fromkeys(tasks))
 
 
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("fp32", "bf16")
 # bf16 scores decide every item whose candidates lie further apart than this margin; closer items
 # are scored again in fp32. Over full BLiMP on the demo model a candidate's bf16 score was off by
-# at most 0.17 nats and 0.16% of its size (see scripts/bench_eval.py), so the margin keeps a factor
-# of about three over both.
+# at most 0.21 nats and 0.25% of its size (scripts/bench_eval.py; bf16 alone decided 142 of 67,000
+# pairs otherwise, with this margin none), so the margin keeps a factor of two over both.
 RECHECK_NATS = 0.5
 RECHECK_FRACTION = 0.005
 
@@ -124,26 +123,6 @@ def score_items_as_set(
     return out
 
 
-def fast_precision(device: torch.device) -> str:
-    """bf16 where its matmuls beat fp32 on this device (CUDA with bf16, CPUs with AVX-512 BF16 or
-    AMX), else fp32: measured once on a matmul of the scoring's shape, since CPUs without bf16
-    instructions emulate it several times slower."""
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type != "cpu":
-        return "fp32"
-    a, b = torch.randn(512, 256), torch.randn(256, 4096)
-    seconds = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x, y = a.to(dtype), b.to(dtype)
-        x @ y  # warm-up
-        start = time.perf_counter()
-        for _ in range(5):
-            x @ y
-        seconds[dtype] = time.perf_counter() - start
-    return "bf16" if seconds[torch.bfloat16] < 0.8 * seconds[torch.float32] else "fp32"
-
-
 def evaluate(
     model_path: Path | list[Path],
     tasks: list[str],
@@ -159,7 +138,7 @@ def evaluate(
     console: Console | None = None,
     explicit_tasks: bool = True,
     trust_remote_code: bool = False,
-    precision: str = "auto",
+    precision: str = "fp32",
 ) -> EvalResult:
     from lm_pretrain.eval.perplexity import file_perplexity, run_folder_of, validation_perplexity
     from lm_pretrain.generate import resolve_model_folder
@@ -193,14 +172,12 @@ def evaluate(
         sm = load_ensemble(folders, backend, trust_remote_code=trust_remote_code)
     else:
         sm = load_scoring_model(folder, backend, trust_remote_code=trust_remote_code)
-    if precision == "auto":
-        precision = fast_precision(sm.device)
     result = EvalResult(folder, backend, prefix, precision)
     if precision == "bf16" and any(task != "perplexity" for task in tasks):
         result.notes.append(
             f"zero-shot items scored under bf16 autocast; those whose candidates lay within {RECHECK_NATS} "
             f"nats (+{RECHECK_FRACTION:.1%} of their size) of each other were rescored in fp32 "
-            "(--precision fp32 scores everything in fp32)"
+            "(the default, --precision fp32, scores everything in fp32)"
         )
     if len(folders) > 1:
         result.notes.append("an ensemble of " + ", ".join(str(f) for f in folders))
