@@ -75,7 +75,8 @@ PRECISIONS = ("fp32", "bf16")
 # bf16 scores decide every item whose candidates lie further apart than this margin; closer items
 # are scored again in fp32. Over full BLiMP on the demo model a candidate's bf16 score was off by
 # at most 0.21 nats and 0.25% of its size (scripts/bench_eval.py; bf16 alone decided 142 of 67,000
-# pairs otherwise, with this margin none), so the margin keeps a factor of two over both.
+# pairs otherwise, with this margin none): the margin covers two candidates off by that much in
+# opposite directions.
 RECHECK_NATS = 0.5
 RECHECK_FRACTION = 0.005
 
