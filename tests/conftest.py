@@ -40,6 +40,8 @@ def tiny_run_args(corpus: Path, cache: Path, steps: int, **extra: object) -> lis
         "optim.lr": 3e-3,
         # the demo trains with Muon; the tests keep AdamW, which every mode supports (FSDP among them)
         "optim.kind": "adamw",
+        # the demo compiles; the tests train eagerly unless they test compile (seconds, not minutes)
+        "train.compile": "false",
         # one thread: tiny matrices gain nothing from two, and a busy machine slows two threads badly
         "train.num_threads": 1,
         "eval": None,

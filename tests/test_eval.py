@@ -70,6 +70,7 @@ def tiny_run(tmp_path_factory) -> Path:
         "checkpoint.every": 40,
         "optim.lr": 3e-3,
         "train.precision": "fp32",
+        "train.compile": "false",
     }
     args = ["train", str(ROOT / "recipes/demo.yaml"), "--out", str(root / "run")]
     for key, value in sets.items():

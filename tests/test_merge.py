@@ -54,6 +54,7 @@ def run(tmp_path_factory) -> Path:
         "checkpoint.keep_last": 100,
         "optim.lr": 3e-3,
         "schedule.kind": "constant",
+        "train.compile": "false",
     }
     overrides = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
     run_dir = root / "run"
