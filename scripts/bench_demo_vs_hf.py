@@ -122,20 +122,22 @@ def main() -> None:
                 json.loads(line) for line in (args.out / arm / "metrics.jsonl").read_text().splitlines()
             ]
             val_loss = [x["val_loss"] for x in records if "val_loss" in x][-1]
-            name = f"lmp train ({'compiled' if compile_ else 'eager'}, {r.optim.kind})"
-            rows[name] = {"seconds": seconds, "val_loss": val_loss}
+            name = f"lmp ({'compiled' if compile_ else 'eager'})"
+            rows[name] = {"seconds": seconds, "val_loss": val_loss, "optimizer": r.optim.kind}
         else:
-            rows[f"HF Trainer ({'torch_compile' if arm == 'hf-compiled' else 'eager'}, adamw)"] = hf_arm(
-                recipe, data, ids, arm == "hf-compiled", args.out / arm, val
-            )
+            rows[f"HF Trainer ({'torch_compile' if arm == 'hf-compiled' else 'eager'})"] = {
+                **hf_arm(recipe, data, ids, arm == "hf-compiled", args.out / arm, val),
+                "optimizer": "adamw",
+            }
         console.print(f"{arm}: {rows[list(rows)[-1]]}")
     table = Table(
         title=f"{args.recipe.name}: {recipe.train.max_steps} steps, {tokens:,} tokens, {os.cpu_count()} CPUs"
     )
-    for column in ("arm", "wall s", "tokens/s", "held-out loss"):
-        table.add_column(column, justify="left" if column == "arm" else "right")
+    for column in ("arm", "optimizer", "wall s", "tokens/s", "held-out loss"):
+        table.add_column(column, justify="left" if column in ("arm", "optimizer") else "right")
     for name, r in rows.items():
-        table.add_row(name, f"{r['seconds']:.0f}", f"{tokens / r['seconds']:,.0f}", f"{r['val_loss']:.4f}")
+        table.add_row(name, r["optimizer"], f"{r['seconds']:.0f}", f"{tokens / r['seconds']:,.0f}",
+                      f"{r['val_loss']:.4f}")  # fmt: skip
     console.print(table)
     (args.out / "demo_vs_hf.json").write_text(json.dumps(rows, indent=2) + "\n")
 
