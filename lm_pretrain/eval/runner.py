@@ -95,14 +95,15 @@ def score_items(
     """Every candidate of every item in batched calls, split back per item. precision "bf16": the
     forward passes run under bf16 autocast and items too close to call are rescored in fp32, so
     every decision is the fp32 one."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    with torch.autocast(sm.device.type, dtype, enabled=precision == "bf16"):
-        out = score_items_as_set(sm, items, token_budget)
-    if precision == "bf16":
+    with torch.autocast(sm.device.type, enabled=False):
+        if precision == "fp32":
+            return score_items_as_set(sm, items, token_budget)
+        with torch.autocast(sm.device.type, torch.bfloat16):
+            out = score_items_as_set(sm, items, token_budget)
         close = [k for k, scores in enumerate(out) if needs_fp32(scores)]
-        with torch.autocast(sm.device.type, enabled=False):
-            rescored = score_items_as_set(sm, [items[k] for k in close], token_budget)
-        for k, scores in zip(close, rescored, strict=True):
+        for k, scores in zip(
+            close, score_items_as_set(sm, [items[k] for k in close], token_budget), strict=True
+        ):
             out[k] = scores
     return out
 

@@ -165,9 +165,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def fused_linear(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
-    """Several bias-free projections of the same input as one matmul: a wider matmul runs faster
-    (on a 2-core CPU at hidden 256, about 20% for q/k/v and for gate/up, forward and backward),
-    while the weights stay separate tensors, so checkpoints, exports and Muon see them as before."""
+    """Several bias-free projections of the same input as one matmul, since a wider matmul runs
+    faster (eager lmp went from 1.08x to 1.23x transformers eager at hidden 256 on a 2-core CPU;
+    compiled, no change). The weights stay separate tensors: checkpoints, exports and Muon are as before."""
     weight = torch.cat([layer.weight for layer in layers])
     return F.linear(x, weight).split([layer.out_features for layer in layers], dim=-1)
 
