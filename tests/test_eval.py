@@ -475,3 +475,39 @@ def test_bf16_scoring_keeps_every_fp32_decision_and_rescores_close_items(causal)
         np.testing.assert_allclose(bf16[k], fp32[k], atol=1e-4)
     assert [int(np.argmax(x)) for x in bf16] == [int(np.argmax(x)) for x in fp32]
     assert judge("probe", "", items, bf16).uids == judge("probe", "", items, fp32).uids
+
+
+def test_large_scoring_jobs_read_log_probs_through_the_compiled_kernel(causal, monkeypatch):
+    """Above COMPILE_LOGPROBS_ELEMENTS the log-probs come from the compiled kernel, equal to eager
+    ones in fp32 and under bf16 autocast; where compilation fails, scoring goes on eagerly."""
+    from lm_pretrain.eval import scoring
+
+    sentences = [s for i in probe_items(seed=4, per_phenomenon=6) for s in i.sentences]
+    eager = score_candidates(causal, sentences, sentences)
+    with torch.autocast("cpu", torch.bfloat16):
+        eager_bf16 = score_candidates(causal, sentences, sentences)
+    calls = []
+    real = scoring.fused_target_logprobs
+    monkeypatch.setattr(scoring, "COMPILE_LOGPROBS_ELEMENTS", 1)
+    monkeypatch.setattr(scoring, "fused_target_logprobs", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(scoring, "_compiled", {})
+    fused = score_candidates(causal, sentences, sentences)
+    assert (
+        calls and callable(scoring._compiled["fn"]) and scoring._compiled["fn"] is not scoring.target_logprobs
+    )
+    np.testing.assert_allclose(fused, eager, atol=1e-4)
+    with torch.autocast("cpu", torch.bfloat16):
+        np.testing.assert_allclose(score_candidates(causal, sentences, sentences), eager_bf16, atol=1e-3)
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+        return run
+
+    monkeypatch.setattr(scoring, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="scoring without torch.compile .*InvalidCxxCompiler"):
+        fallback = score_candidates(causal, sentences, sentences)
+    assert scoring._compiled["fn"] is scoring.target_logprobs
+    np.testing.assert_array_equal(fallback, eager)
