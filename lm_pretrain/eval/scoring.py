@@ -18,6 +18,7 @@ token prefix (EWoK, entity tracking) run the prefix once and reuse its key/value
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import warnings
@@ -288,13 +289,14 @@ def _causal_shared_prefix_logprobs(
             width = max(len(q) for _, q in rows) - 1 - shared
             suffix_lp = None
             if width > 0:
-                cache = result.past_key_values
+                cache = _returned_cache(result)
                 cache.reorder_cache(owner)  # one copy of its group's prefix cache per candidate
                 # right padding: real tokens never attend to the pads after them
                 pad = [list(q[shared:-1]) + [0] * (width - (len(q) - 1 - shared)) for _, q in rows]
                 tgt = [list(q[shared + 1 :]) + [0] * (width - (len(q) - 1 - shared)) for _, q in rows]
                 inputs = torch.tensor(pad, dtype=torch.long, device=sm.device)
-                logits = sm.model(input_ids=inputs, past_key_values=cache, use_cache=False).logits.float()
+                given = {_cache_argument(sm.model): cache}
+                logits = sm.model(input_ids=inputs, use_cache=False, **given).logits.float()
                 targets = torch.tensor(tgt, dtype=torch.long, device=sm.device).unsqueeze(-1)
                 suffix_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1).cpu().numpy()
             for r, (g_index, q) in enumerate(rows):
@@ -303,6 +305,17 @@ def _causal_shared_prefix_logprobs(
                     parts.append(suffix_lp[r, : len(q) - 1 - shared])
                 out[q] = np.concatenate(parts)
     return out
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The name a model's forward takes its key/value cache by: transformers 5 calls it `cache`
+    (`past_key_values` is deprecated there, to go in 5.40), transformers 4 `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(output: object) -> object:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def score_candidates(
@@ -399,18 +412,23 @@ class EnsembleLM(torch.nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: _EnsembleCache | None = None,
+        cache: _EnsembleCache | None = None,
         use_cache: bool = False,
     ) -> SimpleNamespace:
-        caches = past_key_values.caches if past_key_values is not None else [None] * len(self.members)
+        caches = cache.caches if cache is not None else [None] * len(self.members)
         outs = [
-            m(input_ids=input_ids, attention_mask=attention_mask, past_key_values=c, use_cache=use_cache)
+            m(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=use_cache,
+                **{_cache_argument(m): c},
+            )
             for m, c in zip(self.members, caches, strict=True)
         ]
         logprobs = torch.stack([torch.log_softmax(o.logits.float(), dim=-1) for o in outs])
         logits = torch.logsumexp(logprobs, dim=0) - math.log(len(outs))
-        cache = _EnsembleCache([o.past_key_values for o in outs]) if use_cache else None
-        return SimpleNamespace(logits=logits, past_key_values=cache)
+        both = _EnsembleCache([_returned_cache(o) for o in outs]) if use_cache else None
+        return SimpleNamespace(logits=logits, cache=both)
 
 
 def load_ensemble(
