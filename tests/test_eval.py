@@ -370,6 +370,61 @@ def test_shared_context_runs_once_and_scores_the_same(causal):
     np.testing.assert_allclose(shared, score_one_at_a_time(causal, sentences, completions), atol=1e-4)
 
 
+def test_token_trees_run_each_shared_prefix_once_and_score_as_one_at_a_time(causal, tmp_path, monkeypatch):
+    """Short causal candidates are packed as token trees: every distinct prefix runs once, in rows
+    split where they fill, and each candidate scores as it does alone (also one that is a prefix of
+    another, two that differ only in their last token, and a lone BOS)."""
+    import dataclasses
+
+    from lm_pretrain.eval import scoring
+
+    folder = blimp_subset(tmp_path / "blimp", ["determiner_noun_agreement_1"], 30)
+    sentences = [s for item in read_blimp(folder) for s in item.sentences]
+    sentences += ["The man", "The man is", "The man is here.", "The man is there.", ""]
+    reference = score_one_at_a_time(causal, sentences, sentences)
+    monkeypatch.setattr(scoring, "TREE_ROW_NODES", 24)
+
+    def scored(tree_scoring: bool | None) -> tuple[np.ndarray, int, bool | None]:
+        sm = dataclasses.replace(causal, tree_scoring=tree_scoring)
+        tokens = []
+        hook = sm.model.register_forward_pre_hook(
+            lambda _, args, kwargs: tokens.append(kwargs["input_ids"].numel()), with_kwargs=True
+        )
+        try:
+            return score_candidates(sm, sentences, sentences), sum(tokens), sm.tree_scoring
+        finally:
+            hook.remove()
+
+    plain, plain_tokens, _ = scored(False)
+    trees, tree_tokens, checked = scored(None)
+    np.testing.assert_allclose(plain, reference, atol=1e-4)
+    np.testing.assert_allclose(trees, reference, atol=1e-4)
+    assert checked is True and tree_tokens < 0.8 * plain_tokens
+
+
+def test_models_that_ignore_a_tree_mask_are_scored_the_plain_way(causal):
+    """A model that drops position ids (or a 4-D mask) fails the first tree's check and is scored
+    in plain batches, with the same scores."""
+    import dataclasses
+
+    class NoPositions(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+        def get_output_embeddings(self) -> torch.nn.Module:
+            return self.model.get_output_embeddings()
+
+    sentences = [s for i in probe_items(seed=5, per_phenomenon=4) for s in i.sentences]
+    sm = dataclasses.replace(causal, model=NoPositions(causal.model), tree_scoring=None)
+    scores = score_candidates(sm, sentences, sentences)
+    assert sm.tree_scoring is False
+    np.testing.assert_allclose(scores, score_one_at_a_time(causal, sentences, sentences), atol=1e-4)
+
+
 def test_broken_model_folders_are_named_with_their_fix(tiny_run, tmp_path):
     import shutil
 

@@ -218,8 +218,15 @@ class _DecoderAsHF(torch.nn.Module):
         self.decoder = decoder
         self.bidirectional = bidirectional
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple:
-        # rows are unpadded, so the padding mask is all ones
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple:
+        if attention_mask is not None and attention_mask.dim() == 4:  # a token tree (scoring.py)
+            return self.decoder(input_ids, position_ids=position_ids, attn_mask=attention_mask.bool())
+        # other rows are unpadded, so the padding mask is all ones
         T = input_ids.shape[1]
         full = (
             torch.ones(1, 1, T, T, dtype=torch.bool, device=input_ids.device) if self.bidirectional else None

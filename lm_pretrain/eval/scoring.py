@@ -11,8 +11,10 @@ The rules (evaluation_pipeline/sentence_zero_shot/dataset.py of the 2025 pipelin
 - temperature 1: plain log-softmax over the vocabulary; a candidate's score is the sum.
 
 Speed: identical rows are computed once (duplicate sentences, shared masked copies), rows of the
-same length are stacked into one forward pass with no padding, and causal candidates that share a
-token prefix (EWoK, entity tracking) run the prefix once and reuse its key/value cache.
+same length are stacked into one forward pass with no padding, causal candidates that share a
+long token prefix (EWoK, entity tracking) run the prefix once and reuse its key/value cache, and
+short causal candidates are packed as token trees: every distinct prefix of the whole set runs
+once (full BLiMP: 57% of the tokens), each token attending only to its ancestors.
 `score_one_at_a_time` is the plain reference: one sentence per forward pass.
 """
 
@@ -23,7 +25,7 @@ import json
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,6 +48,9 @@ class ScoringModel:
     backend: str
     folder: Path
     device: torch.device
+    # whether the model scores a token tree (a 4-D attention mask with position ids) as it scores
+    # the sequences one by one; None until checked on the first tree (_tree_agrees)
+    tree_scoring: bool | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -180,20 +185,36 @@ def fused_target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.
 
 @torch.no_grad()
 def _causal_token_logprobs(
-    sm: ScoringModel, sequences: list[tuple[int, ...]], token_budget: int | None
+    sm: ScoringModel, sequences: list[tuple[int, ...]], token_budget: int | None, trees: bool = True
 ) -> list[np.ndarray]:
     """For each distinct sequence, log p(tok_j | tok_<j) for j = 1..n-1 (float32)."""
     result: list[np.ndarray] = [np.zeros(0, np.float32)] * len(sequences)
     elements = sum(len(seq) for seq in sequences) * sm.vocab_size
     logprobs = fused_target_logprobs if elements >= COMPILE_LOGPROBS_ELEMENTS else target_logprobs
+    plain = [i for i, seq in enumerate(sequences) if len(seq) >= 2]
+    short = [i for i in plain if len(sequences[i]) - 1 <= TREE_ROW_NODES]
+    rows = _tree_rows(sequences, short) if trees and short and sm.tree_scoring is not False else []
+    positions = sum(len(sequences[i]) - 1 for i in short)
+    if rows and sum(len(r.tokens) for r in rows) <= TREE_MAX_SHARE * positions:
+        if sm.tree_scoring is None:
+            sm.tree_scoring = _tree_agrees(sm, sequences, rows[0])
+        if sm.tree_scoring:
+            rows.sort(key=lambda r: len(r.tokens))
+            per_batch = _rows_per_batch(TREE_ROW_NODES, sm.vocab_size, token_budget)
+            for start in range(0, len(rows), per_batch):
+                batch = rows[start : start + per_batch]
+                result_part = _score_tree_rows(sm, sequences, batch, logprobs)
+                for i, values in result_part.items():
+                    result[i] = values
+            done = set(short)
+            plain = [i for i in plain if i not in done]
     by_length: dict[int, list[int]] = defaultdict(list)
-    for index, seq in enumerate(sequences):
-        if len(seq) >= 2:
-            by_length[len(seq)].append(index)
+    for index in plain:
+        by_length[len(sequences[index])].append(index)
     for length, indices in sorted(by_length.items()):
-        rows = _rows_per_batch(length, sm.vocab_size, token_budget)
-        for start in range(0, len(indices), rows):
-            chunk = indices[start : start + rows]
+        rows_at_once = _rows_per_batch(length, sm.vocab_size, token_budget)
+        for start in range(0, len(indices), rows_at_once):
+            chunk = indices[start : start + rows_at_once]
             ids = torch.tensor([sequences[i] for i in chunk], dtype=torch.long, device=sm.device)
             picked = logprobs(_raw_logits(sm.model, ids[:, :-1]), ids[:, 1:]).cpu().numpy()
             for row, i in enumerate(chunk):
@@ -232,6 +253,105 @@ def _masked_logprobs(
             picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             out[chunk] = picked.cpu().numpy()
     return out
+
+
+# a tree row holds at most this many tokens: longer rows pack shared prefixes a little better (full
+# BLiMP: 60% of the positions at 128, 58% at 256) but pay attention over the whole row
+TREE_ROW_NODES = 128
+# trees are used where they compute at most this share of the positions the plain batches would
+TREE_MAX_SHARE = 0.9
+
+
+@dataclass
+class _TreeRow:
+    """Distinct prefixes of several sequences' inputs, one token each, in depth-first order; a
+    member's path lists the tokens of its inputs, so a token's ancestors precede it."""
+
+    tokens: list[int]
+    depths: list[int]
+    members: list[tuple[int, list[int]]]  # (sequence index, path)
+
+
+def _tree_rows(sequences: list[tuple[int, ...]], indices: list[int]) -> list[_TreeRow]:
+    """The inputs (all tokens but the last) of sequences[indices] as tree rows: sorted, each
+    sequence shares the prefix it has with the one before it in its row."""
+    rows: list[_TreeRow] = []
+    prev: tuple[int, ...] = ()
+    prev_path: list[int] = []
+    for i in sorted(indices, key=lambda i: sequences[i]):
+        inputs = sequences[i][:-1]
+        shared = _common_prefix([prev, inputs]) if prev else 0
+        if not rows or len(rows[-1].tokens) + len(inputs) - shared > TREE_ROW_NODES:
+            rows.append(_TreeRow([], [], []))
+            shared = 0
+        row = rows[-1]
+        path = prev_path[:shared] + list(range(len(row.tokens), len(row.tokens) + len(inputs) - shared))
+        row.tokens += inputs[shared:]
+        row.depths += range(shared, len(inputs))
+        row.members.append((i, path))
+        prev, prev_path = inputs, path
+    return rows
+
+
+def _score_tree_rows(
+    sm: ScoringModel,
+    sequences: list[tuple[int, ...]],
+    rows: list[_TreeRow],
+    logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> dict[int, np.ndarray]:
+    """One forward pass over `rows` (padded to the longest): each member's per-token log-probs."""
+    width = max(len(row.tokens) for row in rows)
+    ids = np.zeros((len(rows), width), np.int64)
+    depths = np.zeros((len(rows), width), np.int64)
+    mask = np.zeros((len(rows), 1, width, width), bool)
+    mask[:, 0, np.arange(width), np.arange(width)] = True  # padding attends to itself only
+    primary = np.zeros((len(rows), width), np.int64)  # one target per token for the kernel
+    nodes, targets = [], []
+    for b, row in enumerate(rows):
+        n = len(row.tokens)
+        ids[b, :n], depths[b, :n] = row.tokens, row.depths
+        for i, path in row.members:
+            p = np.asarray(path)
+            mask[b, 0][np.ix_(p, p)] |= np.tri(len(p), dtype=bool)
+            primary[b, p] = sequences[i][1:]  # where several sequences branch, the last one's
+            nodes.append(b * width + p)
+            targets.append(np.asarray(sequences[i][1:]))
+    out = sm.model(
+        input_ids=torch.from_numpy(ids).to(sm.device),
+        attention_mask=torch.from_numpy(mask).to(sm.device),
+        position_ids=torch.from_numpy(depths).to(sm.device),
+    )
+    logits = out[0] if isinstance(out, tuple) else out.logits
+    first = torch.from_numpy(primary).to(sm.device)
+    picked, first, flat = (
+        logprobs(logits, first).flatten(),
+        first.flatten(),
+        logits.reshape(-1, logits.shape[-1]),
+    )
+    node = torch.from_numpy(np.concatenate(nodes)).to(sm.device)
+    target = torch.from_numpy(np.concatenate(targets)).to(sm.device)
+    # another target read at the same token: log p(t) = log p(primary) + logit(t) - logit(primary)
+    shift = flat[node, target].float() - flat[node, first[node]].float()
+    values = (picked[node] + shift).cpu().numpy()
+    result, start = {}, 0
+    for row in rows:
+        for i, path in row.members:
+            result[i] = values[start : start + len(path)]
+            start += len(path)
+    return result
+
+
+def _tree_agrees(sm: ScoringModel, sequences: list[tuple[int, ...]], row: _TreeRow) -> bool:
+    """Whether the model scores `row` as a tree as it scores its sequences alone, in fp32: a model
+    that ignores a 4-D mask or position ids (or refuses them) is scored the plain way."""
+    members = [i for i, _ in row.members]
+    try:
+        with torch.autocast(sm.device.type, enabled=False):
+            tree = _score_tree_rows(sm, sequences, [row], target_logprobs)
+            plain = _causal_token_logprobs(sm, [sequences[i] for i in members], None, trees=False)
+    except Exception:  # models raise many kinds on arguments they do not take
+        return False
+    return all(np.allclose(tree[i], alone, atol=1e-3) for i, alone in zip(members, plain, strict=True))
 
 
 def _common_prefix(seqs: list[tuple[int, ...]]) -> int:
