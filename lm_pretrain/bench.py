@@ -355,8 +355,9 @@ def eval_throughput(
 ) -> dict:
     """Minimal pairs scored per second by `lmp eval`'s scorer on lmp's grammar probe, for an
     (untrained) model of the benchmark's shape: in fp32, and with the forward passes under bf16
-    autocast; and the fp32 scoring's matmul work per second as a fraction of the fp32 matmul peak
-    (its limit). The speed does not depend on the weights, but `--precision bf16` also rescores in
+    autocast; and the matmul work of every sentence's tokens, per second of fp32 scoring, as a
+    fraction of the fp32 matmul peak (its limit, were each token computed: token trees compute a
+    prefix sentences share once, so this can pass 1). The speed does not depend on the weights, but `--precision bf16` also rescores in
     fp32 the items too close to call, and an untrained model leaves nearly all of them close, so
     that share is measured on a trained model (scripts/bench_eval.py)."""
     try:
