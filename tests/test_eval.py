@@ -370,7 +370,7 @@ def test_shared_context_runs_once_and_scores_the_same(causal):
     np.testing.assert_allclose(shared, score_one_at_a_time(causal, sentences, completions), atol=1e-4)
 
 
-def test_token_trees_run_each_shared_prefix_once_and_score_as_one_at_a_time(causal, tmp_path, monkeypatch):
+def test_token_trees_run_each_shared_prefix_once_and_score_as_one_at_a_time(causal, monkeypatch):
     """Short causal candidates are packed as token trees: every distinct prefix runs once, in rows
     split where they fill, and each candidate scores as it does alone (also one that is a prefix of
     another, two that differ only in their last token, and a lone BOS)."""
@@ -378,11 +378,12 @@ def test_token_trees_run_each_shared_prefix_once_and_score_as_one_at_a_time(caus
 
     from lm_pretrain.eval import scoring
 
-    folder = blimp_subset(tmp_path / "blimp", ["determiner_noun_agreement_1"], 30)
-    sentences = [s for item in read_blimp(folder) for s in item.sentences]
+    sentences = [s for item in probe_items(seed=6, per_phenomenon=4) for s in item.sentences]
+    story = "And God said, Let there be light: and there was light, and God saw the"
+    sentences += [f"{story} {word}." for word in ("light", "land", "sea", "man", "water", "day")]
     sentences += ["The man", "The man is", "The man is here.", "The man is there.", ""]
     reference = score_one_at_a_time(causal, sentences, sentences)
-    monkeypatch.setattr(scoring, "TREE_ROW_NODES", 24)
+    monkeypatch.setattr(scoring, "TREE_ROW_NODES", 64)
 
     def scored(tree_scoring: bool | None) -> tuple[np.ndarray, int, bool | None]:
         sm = dataclasses.replace(causal, tree_scoring=tree_scoring)
@@ -399,7 +400,11 @@ def test_token_trees_run_each_shared_prefix_once_and_score_as_one_at_a_time(caus
     trees, tree_tokens, checked = scored(None)
     np.testing.assert_allclose(plain, reference, atol=1e-4)
     np.testing.assert_allclose(trees, reference, atol=1e-4)
-    assert checked is True and tree_tokens < 0.8 * plain_tokens
+    assert checked is True and tree_tokens < 0.8 * plain_tokens, (tree_tokens, plain_tokens)
+    encoded = list(
+        dict.fromkeys(ids for ids, _ in scoring.encode(causal.tokenizer, sentences, sentences, "causal"))
+    )
+    assert len(scoring._tree_rows(encoded, list(range(len(encoded))))) > 2  # the rows did split
 
 
 def test_models_that_ignore_a_tree_mask_are_scored_the_plain_way(causal):
