@@ -49,7 +49,7 @@ class ScoringModel:
     folder: Path
     device: torch.device
     # whether the model scores a token tree (a 4-D attention mask with position ids) as it scores
-    # the sequences one by one; None until checked on the first tree (_tree_agrees)
+    # the sequences one by one; None until checked on the first trees (_tree_agrees)
     tree_scoring: bool | None = None
 
     @property
@@ -196,8 +196,9 @@ def _causal_token_logprobs(
     rows = _tree_rows(sequences, short) if trees and short and sm.tree_scoring is not False else []
     positions = sum(len(sequences[i]) - 1 for i in short)
     if rows and sum(len(r.tokens) for r in rows) <= TREE_MAX_SHARE * positions:
-        if sm.tree_scoring is None:
-            sm.tree_scoring = _tree_agrees(sm, sequences, rows[0])
+        if sm.tree_scoring is None:  # checked where most is shared: a lone sequence would pass anyway
+            shared_most = max(rows, key=lambda r: sum(len(path) for _, path in r.members) - len(r.tokens))
+            sm.tree_scoring = _tree_agrees(sm, sequences, shared_most)
         if sm.tree_scoring:
             rows.sort(key=lambda r: len(r.tokens))
             per_batch = _rows_per_batch(TREE_ROW_NODES, sm.vocab_size, token_budget)
