@@ -357,9 +357,10 @@ def eval_throughput(
     (untrained) model of the benchmark's shape: in fp32, and with the forward passes under bf16
     autocast; and the matmul work of every sentence's tokens, per second of fp32 scoring, as a
     fraction of the fp32 matmul peak (its limit, were each token computed: token trees compute a
-    prefix sentences share once, so this can pass 1). The speed does not depend on the weights, but `--precision bf16` also rescores in
-    fp32 the items too close to call, and an untrained model leaves nearly all of them close, so
-    that share is measured on a trained model (scripts/bench_eval.py)."""
+    prefix sentences share once, so this can pass 1). The speed does not depend on the weights,
+    but `--precision bf16` also rescores in fp32 the items too close to call, and an untrained
+    model leaves nearly all of them close, so that share is measured on a trained model
+    (scripts/bench_eval.py)."""
     try:
         from lm_pretrain.eval.probe import probe_items
         from lm_pretrain.eval.runner import score_items_as_set

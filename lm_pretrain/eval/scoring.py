@@ -192,30 +192,19 @@ def _causal_token_logprobs(
     elements = sum(len(seq) for seq in sequences) * sm.vocab_size
     logprobs = fused_target_logprobs if elements >= COMPILE_LOGPROBS_ELEMENTS else target_logprobs
     plain = [i for i, seq in enumerate(sequences) if len(seq) >= 2]
-    short = [i for i in plain if len(sequences[i]) - 1 <= TREE_ROW_NODES]
-    rows = _tree_rows(sequences, short) if trees and short and sm.tree_scoring is not False else []
-    positions = sum(len(sequences[i]) - 1 for i in short)
-    if rows and sum(len(r.tokens) for r in rows) <= TREE_MAX_SHARE * positions:
-        if sm.tree_scoring is None:  # checked where most is shared: a lone sequence would pass anyway
-            shared_most = max(rows, key=lambda r: sum(len(path) for _, path in r.members) - len(r.tokens))
-            sm.tree_scoring = _tree_agrees(sm, sequences, shared_most)
-        if sm.tree_scoring:
-            rows.sort(key=lambda r: len(r.tokens))
-            per_batch = _rows_per_batch(TREE_ROW_NODES, sm.vocab_size, token_budget)
-            for start in range(0, len(rows), per_batch):
-                batch = rows[start : start + per_batch]
-                result_part = _score_tree_rows(sm, sequences, batch, logprobs)
-                for i, values in result_part.items():
-                    result[i] = values
-            done = set(short)
-            plain = [i for i in plain if i not in done]
+    if trees and sm.tree_scoring is not False:
+        short = [i for i in plain if len(sequences[i]) - 1 <= TREE_ROW_NODES]
+        in_trees = _tree_logprobs(sm, sequences, short, token_budget, logprobs)
+        for i, values in in_trees.items():
+            result[i] = values
+        plain = [i for i in plain if i not in in_trees]
     by_length: dict[int, list[int]] = defaultdict(list)
     for index in plain:
         by_length[len(sequences[index])].append(index)
     for length, indices in sorted(by_length.items()):
-        rows_at_once = _rows_per_batch(length, sm.vocab_size, token_budget)
-        for start in range(0, len(indices), rows_at_once):
-            chunk = indices[start : start + rows_at_once]
+        rows = _rows_per_batch(length, sm.vocab_size, token_budget)
+        for start in range(0, len(indices), rows):
+            chunk = indices[start : start + rows]
             ids = torch.tensor([sequences[i] for i in chunk], dtype=torch.long, device=sm.device)
             picked = logprobs(_raw_logits(sm.model, ids[:, :-1]), ids[:, 1:]).cpu().numpy()
             for row, i in enumerate(chunk):
@@ -325,11 +314,8 @@ def _score_tree_rows(
     )
     logits = out[0] if isinstance(out, tuple) else out.logits
     first = torch.from_numpy(primary).to(sm.device)
-    picked, first, flat = (
-        logprobs(logits, first).flatten(),
-        first.flatten(),
-        logits.reshape(-1, logits.shape[-1]),
-    )
+    picked = logprobs(logits, first).flatten()
+    first, flat = first.flatten(), logits.reshape(-1, logits.shape[-1])
     node = torch.from_numpy(np.concatenate(nodes)).to(sm.device)
     target = torch.from_numpy(np.concatenate(targets)).to(sm.device)
     # another target read at the same token: log p(t) = log p(primary) + logit(t) - logit(primary)
@@ -341,6 +327,32 @@ def _score_tree_rows(
             result[i] = values[start : start + len(path)]
             start += len(path)
     return result
+
+
+def _tree_logprobs(
+    sm: ScoringModel,
+    sequences: list[tuple[int, ...]],
+    indices: list[int],
+    token_budget: int | None,
+    logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> dict[int, np.ndarray]:
+    """Per-token log-probs of sequences[indices] scored as token trees; empty where trees would
+    not save enough or the model does not score them as it scores plain rows."""
+    rows = _tree_rows(sequences, indices) if indices else []
+    positions = sum(len(sequences[i]) - 1 for i in indices)
+    if not rows or sum(len(r.tokens) for r in rows) > TREE_MAX_SHARE * positions:
+        return {}
+    if sm.tree_scoring is None:  # checked where most is shared: a lone sequence would pass anyway
+        shared_most = max(rows, key=lambda r: sum(len(path) for _, path in r.members) - len(r.tokens))
+        sm.tree_scoring = _tree_agrees(sm, sequences, shared_most)
+    if not sm.tree_scoring:
+        return {}
+    rows.sort(key=lambda r: len(r.tokens))  # rows of like width share a batch
+    per_batch = _rows_per_batch(TREE_ROW_NODES, sm.vocab_size, token_budget)
+    out: dict[int, np.ndarray] = {}
+    for start in range(0, len(rows), per_batch):
+        out.update(_score_tree_rows(sm, sequences, rows[start : start + per_batch], logprobs))
+    return out
 
 
 def _tree_agrees(sm: ScoringModel, sequences: list[tuple[int, ...]], row: _TreeRow) -> bool:
