@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from lm_pretrain.errors import LmpError
-from lm_pretrain.model.decoder import CompiledCpuAttention, Decoder, DecoderConfig
+from lm_pretrain.model.decoder import ATTENTION_BLOCK_ROWS, CompiledCpuAttention, Decoder, DecoderConfig
 from lm_pretrain.model.export import hf_config_dict, load_model, save_model
 from lm_pretrain.recipe import ModelConfig
 
@@ -184,6 +184,22 @@ def test_cpu_attention_backward_matches_sdpa(masked):
     expected_out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not masked)
     expected = torch.autograd.grad(expected_out, (q, k, v), grad_out)
     out = CompiledCpuAttention.apply(q, k, v, mask)
+    torch.testing.assert_close(out, expected_out)
+    for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), grad_out), expected, strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("length", [64, 150], ids=["one-block", "blocks-and-a-rest"])
+def test_blocked_causal_attention_matches_sdpa_across_blocks(length):
+    # causal attention runs in blocks of ATTENTION_BLOCK_ROWS rows: 150 makes two whole blocks and
+    # a short one, so the skipped blocks above the diagonal and the summed gradient parts all count
+    assert length <= ATTENTION_BLOCK_ROWS or length % ATTENTION_BLOCK_ROWS
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, length, 16, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(2, 3, length, 16)
+    expected_out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expected = torch.autograd.grad(expected_out, (q, k, v), grad_out)
+    out = CompiledCpuAttention.apply(q, k, v, None)
     torch.testing.assert_close(out, expected_out)
     for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), grad_out), expected, strict=True):
         torch.testing.assert_close(ours, theirs)
