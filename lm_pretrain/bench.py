@@ -27,11 +27,14 @@ are timed with a synchronize between them, and MFU is against the measured bf16 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import statistics
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -403,6 +406,84 @@ def eval_throughput(
 # ---------------------------------------------------------------- the benchmark
 
 
+def _train_worker(shape: Shape, name: str, device_type: str, threads: int, conn: Connection) -> None:
+    """One model training in a process of its own: a step each time the parent sends whether to
+    record it, and at None its timings, last loss and data waits."""
+    try:
+        torch.set_num_threads(threads)
+        device = torch.device(device_type)
+        lmp, hf = build_models(shape, device)
+        model, loss_fn = {
+            HF: (hf, _hf_loss),
+            LMP: (lmp, _lmp_loss),
+            # lmp compiled as train.compile compiles it, and transformers as the HF Trainer compiles
+            # it with torch_compile=True (the whole model, loss included)
+            LMP_COMPILED: (torch.compile(lmp), _lmp_loss),
+            HF_COMPILED: (torch.compile(hf), _hf_trainer_loss),
+        }[name]
+        trainee = Trainee(name, model, loss_fn, device)
+        data = BackgroundBatches(shape, device)  # the same seed, so every model gets the same batches
+        data_times: list[float] = []
+        try:
+            while (record := conn.recv()) is not None:
+                start = time.perf_counter()
+                inputs, targets = data.next()
+                if record:
+                    data_times.append(time.perf_counter() - start)
+                trainee.step(inputs, targets, record)
+                conn.send(("ok", None))
+        finally:
+            data.close()
+        conn.send(("ok", (trainee.times, trainee.last_loss, data_times)))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+
+
+def _train_interleaved(
+    shape: Shape, names: list[str], device: torch.device, steps: int, warmup: int, log: Callable[[str], None]
+) -> dict[str, tuple[dict[str, list[float]], float | None, list[float]]]:
+    """Each model in its own process, their steps taken in turn: {name: (phase times, last loss,
+    data waits)}."""
+    context = multiprocessing.get_context("spawn")
+    workers = []
+    for name in names:
+        ours, theirs = context.Pipe()
+        process = context.Process(
+            target=_train_worker, args=(shape, name, device.type, torch.get_num_threads(), theirs)
+        )
+        process.start()
+        workers.append((name, process, ours))
+
+    def answer(name: str, conn: Connection) -> Any:
+        try:
+            status, payload = conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the {name} benchmark process died (out of memory?)") from None
+        if status == "error":
+            raise RuntimeError(f"the {name} benchmark process failed:\n{payload}")
+        return payload
+
+    try:
+        for step in range(warmup + steps):
+            if step == 0:
+                log("warm-up" + (" (compiling)" if LMP_COMPILED in names else ""))
+            elif step == warmup:
+                log(f"timing {steps} interleaved steps per model, each model in its own process")
+            for name, _, conn in workers:
+                conn.send(step >= warmup)
+                answer(name, conn)
+        results = {}
+        for name, _, conn in workers:
+            conn.send(None)
+            results[name] = answer(name, conn)
+        return results
+    finally:
+        for _, process, _ in workers:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.terminate()
+
+
 def run_bench(
     shape: Shape,
     steps: int = 10,
@@ -424,55 +505,31 @@ def run_bench(
     peaks["bf16_model_shapes"] = model_shapes_rate(shape.decoder_config(), shape.batch * shape.seq, device)
 
     lmp, hf = build_models(shape, device)
-    trainees = [Trainee(HF, hf, _hf_loss, device), Trainee(LMP, lmp, _lmp_loss, device)]
-    if compile:
-        # copies with the same weights: lmp compiled as train.compile compiles it, and transformers
-        # as the HF Trainer compiles it with torch_compile=True (the whole model, loss included)
-        lmp_c = Decoder(lmp.config).to(device)
-        lmp_c.load_state_dict(lmp.state_dict())
-        trainees.append(Trainee(LMP_COMPILED, torch.compile(lmp_c), _lmp_loss, device))
-        hf_c = build_models(shape, device)[1]
-        hf_c.load_state_dict(hf.state_dict())
-        trainees.append(Trainee(HF_COMPILED, torch.compile(hf_c), _hf_trainer_loss, device))
-
-    data = BackgroundBatches(shape, device)
-    data_times: list[float] = []
-    try:
-        for step in range(warmup + steps):
-            if step == 0:
-                log("warm-up" + (" (compiling)" if compile else ""))
-            elif step == warmup:
-                log(f"timing {steps} interleaved steps per model")
-            for trainee in trainees:
-                start = time.perf_counter()
-                inputs, targets = data.next()
-                if step >= warmup:
-                    data_times.append(time.perf_counter() - start)
-                trainee.step(inputs, targets, record=step >= warmup)
-    finally:
-        data.close()
+    names = [HF, LMP] + ([LMP_COMPILED, HF_COMPILED] if compile else [])
+    timings = _train_interleaved(shape, names, device, steps, warmup, log)
 
     cfg = lmp.config
     fpt = flops_per_token(cfg, shape.seq)
     # MFU against the square-matmul peak (the usual definition), and against what the model's own
     # matmul shapes reach here (small models rarely come near the square peak, on AMX least of all)
     peak, shapes_peak = peaks["bf16"], peaks["bf16_model_shapes"]
-    data_s = statistics.median(data_times)
     results = []
-    for t in trainees:
-        phases = {k: statistics.median(v) for k, v in t.times.items()}
+    for name in names:
+        times, final_loss, data_times = timings[name]
+        phases = {k: statistics.median(v) for k, v in times.items()}
+        data_s = statistics.median(data_times)
         # the median of whole steps, not the sum of phase medians
         step_s = (
             statistics.median(
                 f + b + o
-                for f, b, o in zip(t.times["forward"], t.times["backward"], t.times["optimizer"], strict=True)
+                for f, b, o in zip(times["forward"], times["backward"], times["optimizer"], strict=True)
             )
             + data_s
         )
         tps = shape.batch * shape.seq / step_s
         results.append(
             ModelResult(
-                name=t.name,
+                name=name,
                 tokens_per_s=tps,
                 step_s=step_s,
                 data_s=data_s,
@@ -482,7 +539,7 @@ def run_bench(
                 data_share=data_s / step_s,
                 mfu=tps * fpt / (peak * 1e9),
                 mfu_model_shapes=tps * fpt / (shapes_peak * 1e9),
-                final_loss=t.last_loss,
+                final_loss=final_loss,
             )
         )
     by_name = {r.name: r for r in results}
