@@ -3,8 +3,11 @@
 One run measures the machine's matmul peak (fp32 and bf16), then trains lmp's decoder (eager and,
 with compile, torch.compile'd as train.compile does) and transformers' LlamaForCausalLM built with
 the identical config and starting weights, on the same random token batches, with bf16 autocast
-and fused AdamW for all. Steps are interleaved (transformers, lmp, lmp compiled, transformers, ...)
-so a noisy shared machine slows every model alike, and per-phase medians are reported:
+and fused AdamW for all. Each model trains in a process of its own, as a training run does (in one
+process a model's freed memory changes the allocator's state for the next: lmp compiled took
+10-25 thousand page faults a step beside transformers, about 50 alone). Steps are interleaved
+(transformers, lmp, lmp compiled, transformers compiled, transformers, ...), one process working
+at a time, so a noisy shared machine slows every model alike, and per-phase medians are reported:
 
 - data: waiting for the next batch from the background worker (train_loader, as training);
 - forward / backward / optimizer (gradient clipping, fused AdamW step, zero_grad);
