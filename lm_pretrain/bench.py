@@ -202,10 +202,15 @@ def flops_per_token(cfg: DecoderConfig, seq: int) -> float:
 # ---------------------------------------------------------------- the models
 
 
+def build_lmp(shape: Shape, device: torch.device, seed: int = 0) -> Decoder:
+    """lmp's decoder of this shape, its weights drawn from the seed."""
+    torch.manual_seed(seed)
+    return Decoder(shape.decoder_config()).to(device)
+
+
 def build_models(shape: Shape, device: torch.device, seed: int = 0) -> tuple[Decoder, torch.nn.Module]:
     """lmp's decoder and transformers' LlamaForCausalLM with the same config and weights."""
-    torch.manual_seed(seed)
-    lmp = Decoder(shape.decoder_config()).to(device)
+    lmp = build_lmp(shape, device, seed)
     return lmp, hf_twin(lmp)
 
 
@@ -415,15 +420,15 @@ def _train_worker(shape: Shape, name: str, device_type: str, threads: int, conn:
     try:
         torch.set_num_threads(threads)
         device = torch.device(device_type)
-        lmp, hf = build_models(shape, device)
-        model, loss_fn = {
-            HF: (hf, _hf_loss),
-            LMP: (lmp, _lmp_loss),
+        # only the model this process trains: transformers' twin takes lmp's weights
+        model = build_lmp(shape, device)
+        if name in (HF, HF_COMPILED):
+            model = hf_twin(model)
+        if name in (LMP_COMPILED, HF_COMPILED):
             # lmp compiled as train.compile compiles it, and transformers as the HF Trainer compiles
             # it with torch_compile=True (the whole model, loss included)
-            LMP_COMPILED: (torch.compile(lmp), _lmp_loss),
-            HF_COMPILED: (torch.compile(hf), _hf_trainer_loss),
-        }[name]
+            model = torch.compile(model)
+        loss_fn = {HF: _hf_loss, LMP: _lmp_loss, LMP_COMPILED: _lmp_loss, HF_COMPILED: _hf_trainer_loss}[name]
         trainee = Trainee(name, model, loss_fn, device)
         data = BackgroundBatches(shape, device)  # the same seed, so every model gets the same batches
         data_times: list[float] = []
@@ -507,7 +512,7 @@ def run_bench(
     peaks["bf16_mlp_shape"] = matmul_peak(torch.bfloat16, device, mlp)
     peaks["bf16_model_shapes"] = model_shapes_rate(shape.decoder_config(), shape.batch * shape.seq, device)
 
-    lmp, hf = build_models(shape, device)
+    lmp = build_lmp(shape, device)  # for its config and size; the models train in their own processes
     names = [HF, LMP] + ([LMP_COMPILED, HF_COMPILED] if compile else [])
     timings = _train_interleaved(shape, names, device, steps, warmup, log)
 
@@ -566,7 +571,7 @@ def run_bench(
         if plain is not None and by_name[LMP].peak_memory_mb is not None:
             loss_memory["saving"] = plain - by_name[LMP].peak_memory_mb
     elif memory:
-        loss_memory = _gpu_loss_memory(shape, device, lmp, hf, by_name)
+        loss_memory = _gpu_loss_memory(shape, device, lmp, hf_twin(lmp), by_name)
 
     prep_result = eval_result = None
     if prep:
