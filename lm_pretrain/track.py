@@ -83,7 +83,12 @@ class WandbTracker:
         self._run.log(_numbers(record), step=record["step"])
 
     def close(self) -> None:
+        import wandb
+
         self._run.finish()
+        # finish() can return before wandb's service has written the run file (seen with wandb
+        # 0.31); teardown waits for the service to exit, so the offline run is complete on disk
+        wandb.teardown()
 
 
 class TensorBoardTracker:
