@@ -156,8 +156,9 @@ def matmul_peak(
     m, k, n = shape
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
-    # about 4 GFLOP of work per timing on a CPU (a few ms to a second), 20 calls on a GPU
-    inner = 20 if device.type == "cuda" else max(1, round(4e9 / (2 * m * k * n)))
+    # about 4 GFLOP of work per timing on a CPU (a few ms to a second; at most 100 calls, for tiny
+    # shapes), 20 calls on a GPU
+    inner = 20 if device.type == "cuda" else min(100, max(1, round(4e9 / (2 * m * k * n))))
     torch.mm(a, b)  # warm-up: thread pools, kernel selection
     best = math.inf
     for _ in range(repeats):
