@@ -84,20 +84,29 @@ def _memory_child(shape: Shape, which: str) -> float:
     return sampler.peak - before
 
 
-def step_memory_mb(shape: Shape, which: str) -> float | None:
-    """_memory_child in a subprocess: peak RSS is per process, and allocator caches are shared."""
+def step_memory_mb(shape: Shape, which: list[str]) -> dict[str, float | None]:
+    """_memory_child for each of `which`, each in a subprocess of its own (peak RSS is per process,
+    and allocator caches are shared), all started at once (most of each is imports); None where
+    one failed."""
     # glibc then maps every large block on its own and unmaps it when freed, so RSS follows live tensors
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "MALLOC_MMAP_THRESHOLD_": "65536"}
     code = (
         "import json, sys; from lm_pretrain.bench import Shape; from lm_pretrain.bench_memory import _memory_child; "
         "print(json.dumps(_memory_child(Shape(**json.loads(sys.argv[1])), sys.argv[2])))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(asdict(shape)), which],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if proc.returncode != 0:
-        return None
-    return float(proc.stdout.strip().splitlines()[-1])
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", code, json.dumps(asdict(shape)), name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        for name in which
+    }
+    out: dict[str, float | None] = {}
+    for name, proc in procs.items():
+        stdout, _ = proc.communicate()
+        lines = stdout.strip().splitlines()
+        out[name] = float(lines[-1]) if proc.returncode == 0 and lines else None
+    return out

@@ -79,7 +79,7 @@ def main() -> None:
         (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")  # kept after every step
 
     # 1. the CUDA tests (on CPU they all skip: the smoke run only checks they are collected)
-    code, seconds, tail = run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+    code, seconds, tail = run([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-m", "cuda", "-p", "no:cacheprovider",
                                "tests"], out / "pytest.log", 240)  # fmt: skip
     summary = next((line for line in reversed(tail.splitlines()) if " in " in line), tail[-200:])
     record("cuda tests", code, seconds, tail, summary=summary.strip())
