@@ -82,11 +82,11 @@ def main() -> None:
     timings = {"plain": 0.0, "fp32": 0.0, "bf16": 0.0, "reference": 0.0}
     worst = {"batched": 0.0, "bf16": 0.0, "bf16_relative": 0.0}
     for task, items in tasks.items():
-        sm.tree_scoring = False
+        sm.tree_scoring = sm.chunked_head = False  # the scorer before token trees and chunked logits
         start = time.perf_counter()
         plain = score_items(sm, items, precision="fp32")
         timings["plain"] += time.perf_counter() - start
-        sm.tree_scoring = None  # checked again on the first tree
+        sm.tree_scoring = sm.chunked_head = None  # checked again on the first batches
         start = time.perf_counter()
         batched = score_items(sm, items, precision="fp32")
         timings["fp32"] += time.perf_counter() - start

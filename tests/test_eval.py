@@ -430,6 +430,79 @@ def test_models_that_ignore_a_tree_mask_are_scored_the_plain_way(causal):
     np.testing.assert_allclose(scores, score_one_at_a_time(causal, sentences, sentences), atol=1e-4)
 
 
+def test_the_output_layer_in_chunks_scores_as_the_whole_logits(causal, monkeypatch):
+    """The output layer runs on a few positions at a time (chunks that end inside rows and inside
+    trees), in plain batches and in token trees alike, and every score is the one-at-a-time one."""
+    import dataclasses
+
+    from lm_pretrain.eval import scoring
+
+    monkeypatch.setattr(scoring, "HEAD_CHUNK_ELEMENTS", 7 * causal.vocab_size)
+    sentences = [s for item in probe_items(seed=8, per_phenomenon=4) for s in item.sentences]
+    sentences += ["The man", "The man is", "The man is here.", "The man is there."]
+    reference = score_one_at_a_time(causal, sentences, sentences)
+    for tree_scoring in (False, None):
+        sm = dataclasses.replace(causal, tree_scoring=tree_scoring, chunked_head=None)
+        np.testing.assert_allclose(score_candidates(sm, sentences, sentences), reference, atol=1e-4)
+        assert sm.chunked_head is True
+
+
+def test_a_model_that_scales_its_logits_gets_them_whole(causal):
+    """A model that changes its logits after the output layer (as Cohere's logit_scale or Gemma's
+    soft-capping do) fails the check and is scored from its own logits."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    class ScaledLogits(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, **inputs):
+            return SimpleNamespace(logits=0.5 * self.model(**inputs).logits)
+
+        def get_output_embeddings(self) -> torch.nn.Module:
+            return self.model.get_output_embeddings()
+
+    sentences = [s for i in probe_items(seed=9, per_phenomenon=3) for s in i.sentences]
+    sm = dataclasses.replace(causal, model=ScaledLogits(causal.model), tree_scoring=None, chunked_head=None)
+    scores = score_candidates(sm, sentences, sentences)
+    assert sm.chunked_head is False
+    np.testing.assert_allclose(scores, score_one_at_a_time(sm, sentences, sentences), atol=1e-4)
+    assert not np.allclose(scores, score_one_at_a_time(causal, sentences, sentences), atol=1e-2)
+
+
+def test_only_contexts_longer_than_a_tree_row_use_the_key_value_cache(causal, monkeypatch):
+    """Candidates that share a context go to token trees when they fit a row, and through the
+    key/value cache when they do not; both score as one at a time."""
+    import dataclasses
+
+    from lm_pretrain.eval import scoring
+
+    story = "And God said, Let there be light: and there was light. And God saw the light, that it was good."
+    options = [" And the evening was the first day.", " And he was glad.", " The man went into the house."]
+    sentences = [story + o for o in options]
+    encoded = scoring.encode(causal.tokenizer, sentences, options, "causal")
+    longest = max(len(ids) for ids, _ in encoded)
+    assert len(scoring._prefix_groups(encoded, [3], min_longest=longest)) == 1
+    assert scoring._prefix_groups(encoded, [3], min_longest=longest + 1) == {}
+    reference = score_one_at_a_time(causal, sentences, options)
+    for row_nodes, cached in ((96, False), (longest // 2, True)):
+        monkeypatch.setattr(scoring, "TREE_ROW_NODES", row_nodes)
+        sm = dataclasses.replace(causal, tree_scoring=None)
+        calls = []
+        hook = sm.model.register_forward_pre_hook(
+            lambda _, args, kwargs, calls=calls: calls.append(kwargs.get("use_cache", False)),
+            with_kwargs=True,
+        )
+        try:
+            scores = score_candidates(sm, sentences, options, group_sizes=[3])
+        finally:
+            hook.remove()
+        np.testing.assert_allclose(scores, reference, atol=1e-4)
+        assert any(calls) is cached, (row_nodes, calls)
+
+
 def test_broken_model_folders_are_named_with_their_fix(tiny_run, tmp_path):
     import shutil
 
