@@ -189,7 +189,7 @@ class Trainer:
         return record
 
     def validation_loss(self, batches: list | None = None) -> float:
-        return validation_loss(self.model, batches or self.val_batches, self.accelerator, self.document_bos)
+        return validation_loss(self.core, batches or self.val_batches, self.accelerator, self.document_bos)
 
     def validate_before_training(self) -> None:
         """A new run's step-0 validation loss, the first point of its curves."""
