@@ -73,10 +73,10 @@ def parse_tasks(text: str | None, data_dir: Path | None, fast: bool = False) -> 
 
 PRECISIONS = ("fp32", "bf16")
 # bf16 scores decide every item whose candidates lie further apart than this margin; closer items
-# are scored again in fp32. Over full BLiMP on the demo model a candidate's bf16 score was off by
-# at most 0.21 nats and 0.25% of its size (scripts/bench_eval.py; bf16 alone decided 142 of 67,000
+# are scored again in fp32. Over full BLiMP on demo models a candidate's bf16 score was off by at
+# most 0.25 nats and 0.26% of its size (scripts/bench_eval.py; bf16 alone decided 138-190 of 67,000
 # pairs otherwise, with this margin none): the margin covers two candidates off by that much in
-# opposite directions.
+# opposite directions (0.25 nats only on scores of 97 nats or more, where the margin is 0.98).
 RECHECK_NATS = 0.5
 RECHECK_FRACTION = 0.005
 
