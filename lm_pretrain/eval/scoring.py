@@ -155,8 +155,7 @@ def _flat_logits(sm: ScoringModel, **inputs: torch.Tensor) -> Iterator[tuple[sli
     if sm.chunked_head is None:
         sm.chunked_head = _head_agrees(sm, inputs)
     if not sm.chunked_head:
-        out = sm.model(**inputs)
-        logits = out[0] if isinstance(out, tuple) else out.logits
+        logits = _output_logits(sm.model(**inputs))
         yield slice(0, None), logits.reshape(-1, logits.shape[-1])
         return
     head = sm.model.get_output_embeddings()
@@ -195,17 +194,20 @@ def _head_agrees(sm: ScoringModel, inputs: dict) -> bool:
     first = {k: v[:1] for k, v in inputs.items()}
     try:
         with torch.autocast(sm.device.type, enabled=False):
-            out = sm.model(**first)
-            whole = out[0] if isinstance(out, tuple) else out.logits
+            whole = _output_logits(sm.model(**first))
             parts = head(_last_hidden(sm.model, head, first))
     except Exception:  # models raise many kinds where a hook changes what they see
         return False
     return whole.shape == parts.shape and torch.allclose(whole, parts, rtol=1e-4, atol=1e-4)
 
 
+def _output_logits(out: object) -> torch.Tensor:
+    """The logits of a forward pass's output (a tuple or a transformers output object)."""
+    return out[0] if isinstance(out, tuple) else out.logits
+
+
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    return (out[0] if isinstance(out, tuple) else out.logits).float()
+    return _output_logits(model(input_ids=ids, attention_mask=torch.ones_like(ids))).float()
 
 
 def _rows_per_batch(length: int, vocab: int, budget: int | None) -> int:
