@@ -23,7 +23,7 @@ import torch
 
 from lm_pretrain.eval.probe import probe_items
 from lm_pretrain.eval.report import judge
-from lm_pretrain.eval.runner import needs_fp32, score_items, score_items_as_set
+from lm_pretrain.eval.runner import gap_error, recheck_margin, score_items, score_items_as_set
 from lm_pretrain.eval.scoring import load_scoring_model, score_one_at_a_time
 from lm_pretrain.eval.tasks import Item, read_blimp
 from lm_pretrain.generate import resolve_model_folder
@@ -80,7 +80,7 @@ def main() -> None:
     print(f"model {sm.folder}, backend {sm.backend}, {candidates:,} candidates")
 
     timings = {"plain": 0.0, "fp32": 0.0, "bf16": 0.0, "reference": 0.0}
-    worst = {"batched": 0.0, "bf16": 0.0, "bf16_relative": 0.0}
+    worst = {"batched": 0.0, "bf16": 0.0, "bf16_relative": 0.0, "gap": 0.0, "gap_share": 0.0}
     for task, items in tasks.items():
         sm.tree_scoring = sm.chunked_head = False  # the scorer before token trees and chunked logits
         start = time.perf_counter()
@@ -95,7 +95,12 @@ def main() -> None:
         timings["bf16"] += time.perf_counter() - start
         with torch.autocast(sm.device.type, torch.bfloat16):
             raw = score_items_as_set(sm, items)  # bf16 before any rescoring
-        rescored = sum(needs_fp32(x) for x in raw)
+        rescored = sum(not np.array_equal(x, y) for x, y in zip(raw, checked, strict=True))
+        gaps = [gap_error(x, y) for x, y in zip(raw, batched, strict=True)]
+        worst["gap"] = max(worst["gap"], max(gaps))
+        worst["gap_share"] = max(
+            worst["gap_share"], max(g / recheck_margin(x) for g, x in zip(gaps, raw, strict=True))
+        )
         worst["bf16"] = max(
             worst["bf16"], max(float(np.max(np.abs(x - y))) for x, y in zip(raw, batched, strict=True))
         )
@@ -128,7 +133,8 @@ def main() -> None:
         f"{timings['plain'] / timings['fp32']:.2f}x plain), bf16 checked {timings['bf16']:.2f}s "
         f"({pairs / timings['bf16']:.1f} items/s, {timings['fp32'] / timings['bf16']:.2f}x fp32 batched, "
         f"{timings['plain'] / timings['bf16']:.2f}x plain: target >= 2x); max |bf16 - fp32| "
-        f"{worst['bf16']:.3f} nats, {worst['bf16_relative']:.2%} of the score"
+        f"{worst['bf16']:.3f} nats, {worst['bf16_relative']:.2%} of the score; the gap between an item's "
+        f"candidates off by at most {worst['gap']:.3f} nats, {worst['gap_share']:.2f} of the rescoring margin"
     )
     if args.reference:
         print(

@@ -610,6 +610,34 @@ def test_bf16_scoring_keeps_every_fp32_decision_and_rescores_close_items(causal)
     assert judge("probe", "", items, bf16).uids == judge("probe", "", items, fp32).uids
 
 
+def test_bf16_rescoring_widens_its_margin_where_bf16_is_off_by_more_than_half_of_it(causal, monkeypatch):
+    from lm_pretrain.eval import runner
+
+    items = probe_items(seed=5, per_phenomenon=20)
+    fp32 = score_items(causal, items, precision="fp32")
+    with torch.autocast("cpu", torch.bfloat16):
+        raw = runner.score_items_as_set(causal, items)
+    gaps = np.array([abs(float(x[0] - x[1])) for x in raw])
+    errors = np.array([runner.gap_error(x, y) for x, y in zip(raw, fp32, strict=True)])
+    # a margin just above the gap of the item bf16 is furthest off relative to its gap, and a
+    # share of it that this item's error exceeds (the tiny model is off by less than real ones)
+    k = int(np.argmax(errors / np.maximum(gaps, 1e-9)))
+    assert errors[k] > 1e-4
+    monkeypatch.setattr(runner, "RECHECK_FRACTION", 0.0)
+    monkeypatch.setattr(runner, "RECHECK_NATS", gaps[k] * 1.01)
+    monkeypatch.setattr(runner, "RECHECK_WORST_SHARE", 0.5 * errors[k] / (gaps[k] * 1.01))
+    first = {i for i, x in enumerate(raw) if runner.needs_fp32(x)}
+
+    def rescored(out: list[np.ndarray]) -> set[int]:
+        return {i for i, (x, y) in enumerate(zip(out, fp32, strict=True)) if np.allclose(x, y, atol=1e-4)}
+
+    widened = score_items(causal, items, precision="bf16")
+    assert first < rescored(widened)  # more than the first margin's items went back to fp32
+    assert [int(np.argmax(x)) for x in widened] == [int(np.argmax(x)) for x in fp32]
+    monkeypatch.setattr(runner, "RECHECK_WORST_SHARE", float("inf"))  # never widen
+    assert rescored(score_items(causal, items, precision="bf16")) == first
+
+
 def test_large_scoring_jobs_read_log_probs_through_the_compiled_kernel(causal, monkeypatch):
     """Above COMPILE_LOGPROBS_ELEMENTS the log-probs come from the compiled kernel, equal to eager
     ones in fp32 and under bf16 autocast; where compilation fails, scoring goes on eagerly."""
