@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from lm_pretrain.bench_memory import step_memory_mb
 from lm_pretrain.data.loader import PackedWindows, TrainBatches, train_loader
+from lm_pretrain.host_memory import keep_freed_memory
 from lm_pretrain.model.decoder import Decoder, DecoderConfig
 from lm_pretrain.model.export import hf_config_dict
 from lm_pretrain.recipe import ModelConfig, OptimConfig
@@ -425,6 +426,9 @@ def _train_worker(shape: Shape, name: str, device_type: str, threads: int, conn:
     record it, and at None its timings, last loss and data waits."""
     try:
         torch.set_num_threads(threads)
+        # as lmp train does, in every model's process: the ratios compare models and kernels, not
+        # the C library's defaults (host_memory.py)
+        keep_freed_memory()
         device = torch.device(device_type)
         # only the model this process trains: transformers' twin takes lmp's weights
         model = build_lmp(shape, device)

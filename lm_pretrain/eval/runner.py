@@ -22,6 +22,7 @@ from lm_pretrain.eval.scoring import (
     score_candidates,
 )
 from lm_pretrain.eval.tasks import ALL_TASKS, DATA_TASKS, Item, load_task, locate, with_prefix
+from lm_pretrain.host_memory import keep_freed_memory
 from lm_pretrain.recipe import EvalConfig
 
 
@@ -167,6 +168,7 @@ def evaluate(
     from lm_pretrain.generate import resolve_model_folder
 
     console = console or Console(quiet=True)
+    keep_freed_memory()  # each batch's temporaries reuse the last one's pages
     if backend not in BACKENDS:
         raise LmpError(f"--backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:

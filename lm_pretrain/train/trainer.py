@@ -29,6 +29,7 @@ from lm_pretrain.data.loader import (
 from lm_pretrain.data.mixture import MixedWindows, mixture_table, run_words_per_token
 from lm_pretrain.data.prepare import PreparedData, prepare_data
 from lm_pretrain.data.tokenizer import save_hf_tokenizer, special_token_ids
+from lm_pretrain.host_memory import keep_freed_memory
 from lm_pretrain.model.decoder import Decoder
 from lm_pretrain.recipe import Recipe
 from lm_pretrain.run_folder import (
@@ -178,6 +179,7 @@ def _train(
 ) -> TrainResult:
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
+    keep_freed_memory()  # each step's activations reuse the last one's pages
     accelerator = make_accelerator(recipe.train.precision)
     is_main = accelerator.is_main_process
     world = accelerator.num_processes
