@@ -386,7 +386,9 @@ def test_token_trees_run_each_shared_prefix_once_and_score_as_one_at_a_time(caus
     monkeypatch.setattr(scoring, "TREE_ROW_NODES", 64)
 
     def scored(tree_scoring: bool | None) -> tuple[np.ndarray, int, bool | None]:
-        sm = dataclasses.replace(causal, tree_scoring=tree_scoring)
+        # the output-layer check (its own test below) is settled first: its one-row passes are not
+        # scoring, and whether an earlier test already ran it must not change the count
+        sm = dataclasses.replace(causal, tree_scoring=tree_scoring, chunked_head=True)
         tokens = []
         hook = sm.model.register_forward_pre_hook(
             lambda _, args, kwargs: tokens.append(kwargs["input_ids"].numel()), with_kwargs=True
