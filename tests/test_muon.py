@@ -13,7 +13,7 @@ from lm_pretrain.cli import app
 from lm_pretrain.errors import LmpError
 from lm_pretrain.model.decoder import Decoder, DecoderConfig
 from lm_pretrain.recipe import OptimConfig, load_recipe
-from lm_pretrain.train.optim import build_optimizer, muon_parameters, set_learning_rates
+from lm_pretrain.train.optim import MUON_SETTINGS, build_optimizer, muon_parameters, set_learning_rates
 
 
 def tiny(tie: bool = True) -> Decoder:
@@ -89,6 +89,31 @@ def test_one_step_matches_a_reference():
     torch.testing.assert_close(
         params[name].detach(), before[name] - lr * grads[name].sign(), rtol=0, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("nesterov,adjust", [(True, "match_rms_adamw"), (False, "original")])
+def test_the_batched_step_computes_torch_muons_update(nesterov, adjust):
+    """lmp steps torch.optim.Muon's state with the Newton-Schulz iterations of same-shaped
+    matrices batched; three steps of it against Muon's own step from the same start."""
+    cfg = OptimConfig.model_validate(
+        {"kind": "muon", "lr": 1e-2, "muon": {"nesterov": nesterov, "adjust_lr": adjust}}
+    )
+    ours, theirs = tiny(), tiny()
+    fast, reference = build_optimizer(ours, cfg), build_optimizer(theirs, cfg)
+    assert all(MUON_SETTINGS <= group.keys() for group in fast.muon.param_groups)  # not the fallback
+    torch.manual_seed(2)
+    for _ in range(3):
+        for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        fast.step()
+        reference.muon.step()
+        reference.adamw.step()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        # bitwise on the project's hosts; a rounding's worth of room for other matmul kernels
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    for a, b in zip(fast.state_dict()["state"].values(), reference.state_dict()["state"].values(), strict=True):
+        assert a.keys() == b.keys()
 
 
 def test_state_dict_round_trips_into_a_fresh_optimizer():

@@ -59,3 +59,35 @@ def test_a_multi_source_run_logs_each_sources_validation_loss(tmp_path):
     wide = CliRunner().invoke(app, ["runs", str(tmp_path / "run")], terminal_width=300)
     name = sorted(per_source)[0]
     assert "val by source" in wide.output and f"{name} {per_source[name]:.3f}" in wide.output
+
+
+def test_the_per_source_losses_come_from_the_same_passes_as_the_total():
+    import torch
+    import torch.nn.functional as F
+
+    from lm_pretrain.model.decoder import Decoder, DecoderConfig
+    from lm_pretrain.train.forward import make_accelerator, validation_loss, validation_losses
+
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2))
+    batches = [(torch.randint(0, 64, (3, 8)), torch.randint(0, 64, (3, 8))) for _ in range(2)]
+    batches[1][1][0, :3] = -100  # ignored targets count for no source
+    sources = [torch.randint(0, 2, (3, 8)) for _ in range(2)]
+    accelerator = make_accelerator("fp32")
+    total, by_source = validation_losses(model, batches, accelerator, None, sources, ["a", "b", "never"])
+    assert total == validation_loss(model, batches, accelerator)
+    with torch.no_grad():
+        losses = torch.cat(
+            [
+                F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten(), reduction="none")
+                for x, y in batches
+            ]
+        )
+    ids, scored = (
+        torch.cat([s.flatten() for s in sources]),
+        torch.cat([y.flatten() for _, y in batches]) != -100,
+    )
+    assert set(by_source) == {"a", "b"}  # a source with no scored target is left out
+    for k, name in enumerate(["a", "b"]):
+        assert by_source[name] == pytest.approx(losses[scored & (ids == k)].mean().item(), rel=1e-5)
+    assert total == pytest.approx(losses[scored].mean().item(), rel=1e-5)

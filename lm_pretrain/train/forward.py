@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
@@ -109,59 +108,42 @@ def validation_loss(
 ) -> float:
     """Mean cross-entropy (nats) over the fixed validation windows: (inputs, targets) batches are
     scored causally, (inputs, targets, bidirectional rows) ones as masked next-token rows."""
-    model.eval()
-    loss_sum = torch.zeros((), device=accelerator.device)
-    count = torch.zeros((), device=accelerator.device)
-    for inputs, targets, *bidirectional in batches:
-        inputs, targets = inputs.to(accelerator.device), targets.to(accelerator.device)
-        rows = bidirectional[0].to(accelerator.device) if bidirectional else None
-        with accelerator.autocast():
-            loss = forward_loss(model, inputs, targets, document_bos, rows)
-        n = (targets != IGNORE_INDEX).sum()
-        loss_sum += loss.float() * n
-        count += n
-    model.train()
-    return (loss_sum / count).item()
+    return validation_losses(model, batches, accelerator, document_bos)[0]
 
 
 @torch.no_grad()
-def validation_loss_by_source(
+def validation_losses(
     model: torch.nn.Module,
     batches: list,
-    sources: list[torch.Tensor],
-    names: list[str],
     accelerator: Accelerator,
     document_bos: int | None = None,
-) -> dict[str, float]:
-    """Mean causal cross-entropy (nats) per source over the validation windows: `sources` holds
-    each batch's source index per target position. Sources without a scored target are left out."""
+    sources: list[torch.Tensor] | None = None,
+    names: list[str] | None = None,
+) -> tuple[float, dict[str, float]]:
+    """validation_loss and, given `sources` (each causal batch's source index per target
+    position) and their names, the mean per source from the same forward passes. Sources without
+    a scored target are left out."""
     model.eval()
-    sums = torch.zeros(len(names), dtype=torch.float64, device=accelerator.device)
-    counts = torch.zeros(len(names), dtype=torch.float64, device=accelerator.device)
-    for (inputs, targets), ids in zip(batches, sources, strict=True):
-        inputs, targets, ids = (t.to(accelerator.device) for t in (inputs, targets, ids))
-        positions, mask, bounds = _attention(inputs, document_bos, None)
-        vocab = accelerator.unwrap_model(model).config.vocab_size
-        step = max(1, 2**24 // (inputs.shape[1] * vocab))  # rows whose fp32 logits fit in 64 MiB
-        for first in range(0, len(inputs), step):
-            rows = slice(first, first + step)
-            with accelerator.autocast():
-                logits = model(
-                    inputs[rows],
-                    position_ids=None if positions is None else positions[rows],
-                    attn_mask=None if mask is None else mask[rows],
-                    cu_seqlens=None if bounds is None else document_bounds(inputs[rows], document_bos),
-                ).logits
-            y = targets[rows].reshape(-1)
-            losses = F.cross_entropy(
-                logits.float().flatten(0, 1), y, ignore_index=IGNORE_INDEX, reduction="none"
-            )
-            scored = y != IGNORE_INDEX
-            where = ids[rows].reshape(-1)[scored]
-            sums.index_add_(0, where, losses[scored].double())
+    device = accelerator.device
+    loss_sum, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    names = names or []
+    sums = torch.zeros(len(names), dtype=torch.float64, device=device)
+    counts = torch.zeros(len(names), dtype=torch.float64, device=device)
+    for i, (inputs, targets, *bidirectional) in enumerate(batches):
+        inputs, targets = inputs.to(device), targets.to(device)
+        rows = bidirectional[0].to(device) if bidirectional else None
+        with accelerator.autocast():
+            out = forward(model, inputs, targets, document_bos, rows, token_losses=sources is not None)
+        scored = targets.reshape(-1) != IGNORE_INDEX
+        loss_sum += out.loss.float() * scored.sum()
+        count += scored.sum()
+        if sources is not None:
+            where = sources[i].to(device).reshape(-1)[scored]
+            sums.index_add_(0, where, out.token_losses[scored].double())
             counts.index_add_(0, where, torch.ones_like(where, dtype=torch.float64))
     model.train()
-    return {name: (sums[i] / counts[i]).item() for i, name in enumerate(names) if counts[i] > 0}
+    by_source = {name: (sums[k] / counts[k]).item() for k, name in enumerate(names) if counts[k] > 0}
+    return (loss_sum / count).item(), by_source
 
 
 def split_batch(cfg: TrainConfig, world: int, processes: str) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from lm_pretrain.train import sharding
 from lm_pretrain.train.callbacks import Callback
 from lm_pretrain.train.checkpoint import rng_state, save_checkpoint
 from lm_pretrain.train.distill import Teachers
-from lm_pretrain.train.forward import forward, validation_loss, validation_loss_by_source
+from lm_pretrain.train.forward import forward, validation_loss, validation_losses
 from lm_pretrain.train.optim import apply_update, set_learning_rates
 from lm_pretrain.train.schedule import Schedule
 from lm_pretrain.train.signals import StopFlag, StopVote
@@ -200,19 +200,18 @@ class Trainer:
 
     def _score_validation(self, record: dict[str, Any]) -> None:
         state = self.state
-        state.val_loss, state.val_loss_step = self.validation_loss(), state.step
+        # with several sources, each one's loss too, from the same passes
+        state.val_loss, by_source = validation_losses(
+            self.core,
+            self.val_batches,
+            self.accelerator,
+            self.document_bos,
+            self.val_sources,
+            self.source_names,
+        )
+        state.val_loss_step = state.step
         self.record_base(record)["val_loss"] = state.val_loss
-        if self.val_sources is not None:
-            # the same windows, grouped by source (eagerly: a logits pass compile need not trace)
-            by_source = validation_loss_by_source(
-                self.core,
-                self.val_batches,
-                self.val_sources,
-                self.source_names,
-                self.accelerator,
-                self.document_bos,
-            )
-            record.update({f"val_loss/{name}": loss for name, loss in by_source.items()})
+        record.update({f"val_loss/{name}": loss for name, loss in by_source.items()})
 
     def validate(self, record: dict[str, Any]) -> None:
         """The validation loss (per source too, and the masked one of hybrid objectives) into
