@@ -140,7 +140,7 @@ MUON_SETTINGS = {
 def muon_step(muon: torch.optim.Optimizer) -> None:
     """torch.optim.Muon's update, computed from its groups and momentum buffers, with the
     Newton-Schulz iterations of all same-shaped matrices run as one batched product: the same
-    numbers (bitwise on the project's CPU hosts), 60 ms a step against 90 at the demo's shapes.
+    numbers (bitwise on the project's CPU hosts), 60 ms a step against 96 at the demo's shapes.
     Muon's own step runs instead where its groups hold other settings (a later torch)."""
     if any(not MUON_SETTINGS <= group.keys() for group in muon.param_groups):
         muon.step()
