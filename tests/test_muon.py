@@ -112,7 +112,9 @@ def test_the_batched_step_computes_torch_muons_update(nesterov, adjust):
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
         # bitwise on the project's hosts; a rounding's worth of room for other matmul kernels
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-    for a, b in zip(fast.state_dict()["state"].values(), reference.state_dict()["state"].values(), strict=True):
+    for a, b in zip(
+        fast.state_dict()["state"].values(), reference.state_dict()["state"].values(), strict=True
+    ):
         assert a.keys() == b.keys()
 
 
