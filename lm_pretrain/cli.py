@@ -64,12 +64,21 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def output_file(path: Path, option: str, suffixes: tuple[str, ...] = ()) -> Path:
+def output_file(
+    path: Path, option: str, suffixes: tuple[str, ...] = (), replaces: tuple[str, ...] = ()
+) -> Path:
     """`path` checked before any work is done: not a folder, a wanted suffix, its folder made and
-    writable. LmpError naming `option` otherwise."""
+    writable, and, with `replaces`, an existing file only an earlier result (a JSON object with
+    those keys), so that e.g. a model's config.json is never written over. LmpError naming
+    `option` otherwise."""
     example = path / f"out{suffixes[0] if suffixes else '.json'}"
     if path.is_dir():
         raise LmpError(f"{option} {path} is a folder; give a file name, e.g. {example}")
+    if replaces and path.is_file() and not _is_result_file(path, replaces):
+        raise LmpError(
+            f"{option} {path} exists and is not an earlier result of this command, so lmp will not "
+            "write over it; give a new file name"
+        )
     if suffixes and path.suffix.lower() not in suffixes:
         raise LmpError(f"{option} {path}: give a file name ending in {', '.join(suffixes)}")
     try:
@@ -82,6 +91,14 @@ def output_file(path: Path, option: str, suffixes: tuple[str, ...] = ()) -> Path
     if path.exists() and not os.access(path, os.W_OK):
         raise LmpError(f"{option} {path}: no permission to write there")
     return path
+
+
+def _is_result_file(path: Path, keys: tuple[str, ...]) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(key in data for key in keys)
 
 
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
@@ -315,7 +332,7 @@ def eval_(
 
     # checked before the evaluation, which can take an hour, rather than after it
     if json_out is not None:
-        output_file(json_out, "--json")
+        output_file(json_out, "--json", replaces=("tasks", "averages"))
     if predictions is not None and predictions.exists() and not predictions.is_dir():
         raise LmpError(f"--predictions {predictions} is a file; give a folder to write predictions into")
     if len(models) > 1 and not ensemble:
@@ -491,7 +508,7 @@ def bench(
     from lm_pretrain.bench_report import result_lines, result_table, write_json
 
     if json_out is not None:
-        output_file(json_out, "--json")
+        output_file(json_out, "--json", replaces=("models", "ratios"))
     shape = shape_from_recipe(recipe, set_) if recipe is not None else Shape()
     given = {"hidden": hidden, "layers": layers, "heads": heads, "vocab": vocab, "seq": seq, "batch": batch}
     shape = replace(shape, **{k: v for k, v in given.items() if v is not None})

@@ -62,6 +62,57 @@ def check_model_folder(folder: Path) -> None:
         )
 
 
+def load_pretrained(
+    folder: Path, auto_class: type, trust: bool, **tokenizer_args: object
+) -> tuple[object, torch.nn.Module]:
+    """(tokenizer, model) from a checked model folder, every failure one line: transformers
+    raises many kinds, and would leave tensors the files lack, or shaped unlike the config, at
+    their random initialisation with only a log line (which lmp silences)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=trust, **tokenizer_args
+        )
+    except Exception as exc:
+        raise LmpError(f"cannot load the tokenizer in {folder}: {_one_line(exc)}") from None
+    try:
+        model, info = auto_class.from_pretrained(
+            folder,
+            local_files_only=True,
+            trust_remote_code=trust,
+            ignore_mismatched_sizes=True,  # reported below, with the shapes
+            output_loading_info=True,
+        )
+    except Exception as exc:
+        if "Weights only load failed" in str(exc):
+            raise LmpError(
+                f"{folder}: the weights are a pickle holding more than tensors, which could run code "
+                "when unpickled, so lmp will not load it: get the weights as model.safetensors"
+            ) from None
+        raise LmpError(f"cannot load {folder}: {_one_line(exc)}") from None
+    if info["mismatched_keys"]:
+        name, found, wanted = sorted(info["mismatched_keys"])[0]
+        raise LmpError(
+            f"{folder}: the weights do not fit config.json ({name} is {list(found)} in the files, "
+            f"{list(wanted)} by the config); they belong to another model: copy or export it again"
+        )
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise LmpError(
+            f"{folder}: the weights lack {len(missing)} tensor(s) the config needs ({shown}), so "
+            "the folder is incomplete: copy or export it again"
+        )
+    return tokenizer, model
+
+
+def _one_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    # validation errors put the cause on the line after "...:"
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
 def generate(
     model_path: Path,
     prompt: str,
@@ -76,7 +127,7 @@ def generate(
 
     `prefix` is conditioning text placed before the prompt and left out of the result, e.g. the
     metadata a MeCo model was trained with ("childes\n\n")."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keep stdout to the generated text alone
@@ -84,10 +135,8 @@ def generate(
     folder = resolve_model_folder(model_path)
     # explicit, so that transformers never stops at its interactive prompt (remote_code.py)
     trust = trust_remote_code_for(folder, trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, local_files_only=True, trust_remote_code=trust
-    ).eval()
+    tokenizer, model = load_pretrained(folder, AutoModelForCausalLM, trust)
+    model.eval()
     torch.manual_seed(seed)
     encoded = tokenizer(prefix + prompt, return_tensors="pt")
     with torch.no_grad():

@@ -9,14 +9,21 @@ local evaluation reads the per-milestone folders instead.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 from lm_pretrain.errors import LmpError
-from lm_pretrain.run_folder import BRANCH_FILE, CHECKPOINTS_DIR, FINAL_DIR, STATE_FILE
+from lm_pretrain.run_folder import (
+    BRANCH_FILE,
+    CHECKPOINTS_DIR,
+    FINAL_DIR,
+    RUN_OWNED,
+    STATE_FILE,
+    is_run_folder,
+    read_json,
+)
 
 
 def _is_training_state(name: str) -> bool:
@@ -38,19 +45,24 @@ def milestone_name(words: int) -> str:
 
 
 def _milestones_of(
-    run_dir: Path, warn: Callable[[str], None], up_to_step: int | None = None
+    run_dir: Path, warn: Callable[[str], None], up_to_step: int | None = None, seen: frozenset = frozenset()
 ) -> dict[str, tuple[int, Path]]:
     """name -> (words, folder) of a run's milestones, followed through its parents for a branch:
     a parent's milestones count up to the step the branch started from (they are the branch's
     history), the branch's own from there on."""
+    if run_dir.resolve() in seen:
+        raise LmpError(f"{run_dir / BRANCH_FILE} names a parent that leads back to {run_dir}; restore it")
+    seen = seen | {run_dir.resolve()}
     found: dict[str, tuple[int, Path]] = {}
-    branch_file = run_dir / BRANCH_FILE
-    if branch_file.is_file():
-        branch = json.loads(branch_file.read_text())
-        parent_step = branch["parent_step"] if up_to_step is None else min(branch["parent_step"], up_to_step)
-        parent = Path(branch["parent_run"])
+    branch = read_json(run_dir / BRANCH_FILE, "restore it from a copy of the run")
+    if branch is not None:
+        try:
+            parent, parent_step = Path(branch["parent_run"]), int(branch["parent_step"])
+        except (KeyError, TypeError, ValueError):
+            raise LmpError(f"{run_dir / BRANCH_FILE} is damaged (no parent_run and parent_step)") from None
+        parent_step = parent_step if up_to_step is None else min(parent_step, up_to_step)
         if parent.is_dir():
-            found.update(_milestones_of(parent, warn, parent_step))
+            found.update(_milestones_of(parent, warn, parent_step, seen))
         else:
             warn(
                 f"{run_dir} branched from {parent}, which is gone; its milestones up to step "
@@ -58,10 +70,13 @@ def _milestones_of(
             )
     folder = run_dir / CHECKPOINTS_DIR
     for ckpt in folder.glob("chck_*M") if folder.is_dir() else []:
-        if (ckpt / STATE_FILE).is_file():
-            state = json.loads((ckpt / STATE_FILE).read_text())
-            if up_to_step is None or state["step"] <= up_to_step:
-                found[ckpt.name] = (state["words"], ckpt)
+        state = read_json(ckpt / STATE_FILE, "delete that milestone or restore it from a copy")
+        if state is None:
+            continue  # not complete: its trainer_state.json is written last
+        if not isinstance(state.get("step"), int) or not isinstance(state.get("words"), int):
+            raise LmpError(f"{ckpt / STATE_FILE} is damaged (no step and words); restore it from a copy")
+        if up_to_step is None or state["step"] <= up_to_step:
+            found[ckpt.name] = (state["words"], ckpt)
     return found
 
 
@@ -77,13 +92,27 @@ def export_milestones(
     if not run_dir.is_dir():
         raise LmpError(f"{run_dir} is a file, not a run folder; pass a run folder, e.g. runs/<name>")
     found = sorted(_milestones_of(run_dir, warn).values())
+    if not found and not (run_dir / CHECKPOINTS_DIR).is_dir():
+        raise LmpError(
+            f"{run_dir} is not a training run (no {CHECKPOINTS_DIR}/); pass the run folder, e.g. runs/<name>"
+        )
     if not found:
         raise LmpError(
             f"{run_dir} has no milestone checkpoints (checkpoints/chck_<N>M); they are written "
             "when training passes 1M, 2M, ... words seen"
         )
+    resolved = out.resolve()
+    run = next((p for p in (resolved, *resolved.parents) if is_run_folder(p)), None)
+    if run is not None and (resolved == run or resolved.relative_to(run).parts[0] in RUN_OWNED):
+        raise LmpError(f"--milestones {out} is part of the training run {run}; pick a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise LmpError(f"--milestones {out} is a file; pick a folder name")
     if out.exists() and any(out.iterdir()):
         raise LmpError(f"{out} exists and is not empty; choose a new folder for the export")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise LmpError(f"--milestones {out}: a folder in that path is a file") from None
     written = []
     for _, ckpt in found:
         target = out / ckpt.name

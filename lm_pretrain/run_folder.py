@@ -40,6 +40,8 @@ TOKENIZER_DIR = "tokenizer"
 LOCK_FILE = ".lock"
 PROGRESS_FILE = "progress.png"
 STATE_FILE = "trainer_state.json"  # in each checkpoint, written last: it marks the checkpoint complete
+# what training writes in a run folder: commands that write folders keep out of these
+RUN_OWNED = (CHECKPOINTS_DIR, FINAL_DIR, FINAL_AVERAGE_DIR, TOKENIZER_DIR)
 
 
 def is_run_folder(path: Path) -> bool:

@@ -183,3 +183,28 @@ def test_branch_export_takes_parent_milestones_up_to_the_branch_point(tmp_path):
     assert result.exit_code == 0, result.output
     assert "which is gone" in result.output and "up to step 25" in result.output
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["chck_3M"]
+
+
+def test_export_names_damaged_run_files_and_keeps_out_of_the_run(tmp_path):
+    from lm_pretrain.milestones import export_milestones
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "chck_1M").mkdir(parents=True)
+    (run / "status.json").write_text('{"state": "finished"}')
+    state = run / "checkpoints" / "chck_1M" / "trainer_state.json"
+    state.write_text(json.dumps({"step": 10, "words": 1_000_000}))
+    with pytest.raises(LmpError, match="part of the training run"):
+        export_milestones(run, run / "checkpoints" / "chck_1M" / "export")
+    assert not (run / "checkpoints" / "chck_1M" / "export").exists()
+    (run / "branch.json").write_text(json.dumps({"parent_run": str(run), "parent_step": 5}))
+    with pytest.raises(LmpError, match="leads back to"):
+        export_milestones(run, tmp_path / "out")
+    (run / "branch.json").write_text("{bad")
+    with pytest.raises(LmpError, match=r"branch\.json is damaged"):
+        export_milestones(run, tmp_path / "out")
+    (run / "branch.json").unlink()
+    state.write_text(json.dumps({"step": 10}))
+    with pytest.raises(LmpError, match=r"trainer_state\.json is damaged"):
+        export_milestones(run, tmp_path / "out")
+    with pytest.raises(LmpError, match="not a training run"):
+        export_milestones(run / "checkpoints" / "chck_1M", tmp_path / "out")

@@ -529,6 +529,50 @@ def test_broken_model_folders_are_named_with_their_fix(tiny_run, tmp_path):
     assert result.exit_code == 2 and "use --backend causal" in result.output
 
 
+def test_weights_that_would_leave_parameters_random_are_refused(tiny_run, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    def rewritten(name: str, change) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(tiny_run / "final", folder)
+        tensors = change(load_file(folder / "model.safetensors"))
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        return folder
+
+    cases = {
+        "the weights lack 3 tensor(s)": rewritten(
+            "missing", lambda t: {k: v for k, v in t.items() if "layers.0.mlp" not in k}
+        ),
+        "the weights do not fit config.json (model.norm.weight": rewritten(
+            "reshaped", lambda t: {**t, "model.norm.weight": torch.ones(t["model.norm.weight"].numel() + 1)}
+        ),
+    }
+    for named, folder in cases.items():
+        for command in (["eval", str(folder), "--tasks", "probe"], ["generate", str(folder)]):
+            result = CliRunner().invoke(app, command)
+            assert result.exit_code == 2 and named in result.output, (command, result.output)
+
+
+def test_scores_never_overwrite_a_file_that_is_not_earlier_scores(tiny_run, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_run / "final", model)
+    config = (model / "config.json").read_text()
+    result = CliRunner().invoke(
+        app, ["eval", str(model), "--tasks", "probe", "--json", str(model / "config.json")]
+    )
+    assert result.exit_code == 2 and "will not write over it" in result.output, result.output
+    assert (model / "config.json").read_text() == config
+    scores = tmp_path / "scores.json"
+    for _ in range(2):  # an earlier result is replaced
+        result = CliRunner().invoke(app, ["eval", str(model), "--tasks", "probe", "--json", str(scores)])
+        assert result.exit_code == 0, result.output
+
+
 def test_output_paths_are_checked_before_evaluating(tiny_run, tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("")

@@ -473,3 +473,18 @@ def test_run_scorer_scores_packed_documents_as_the_trainer_does(bible_corpus, tm
     _load_fp32(model, _fp32_weights(item))
     # documents kept apart by their BOS, as in training; across boundaries the loss differs
     assert abs(RunScorer(run)(model) - trained) < 1e-4
+
+
+def test_output_inside_what_training_wrote_is_refused(run, tmp_path):
+    inputs = checkpoints(run)[-2:]
+    final = tree_digest(run / "final")
+    assert "part of the training run" in cli(
+        ["merge-checkpoints", *inputs, "--out", run / "final", "--force"], code=2
+    )
+    assert tree_digest(run / "final") == final
+    assert "part of the training run" in cli(
+        ["merge-checkpoints", *inputs, "--out", run / "checkpoints" / "avg"], code=2
+    )
+    assert not (run / "checkpoints" / "avg").exists()
+    # a folder of the user's own beside them is fine
+    cli(["merge-checkpoints", *inputs, "--out", tmp_path / "elsewhere"])

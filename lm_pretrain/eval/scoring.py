@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from lm_pretrain.errors import LmpError
+from lm_pretrain.generate import load_pretrained
 from lm_pretrain.model import remote_code
 
 BACKENDS = ("causal", "mlm", "mntp")
@@ -67,7 +68,7 @@ def load_scoring_model(
     """Load a model folder the way the official pipeline does: AutoModelForCausalLM for causal,
     AutoModelForMaskedLM for mlm/mntp, the tokenizer with padding_side="right". The folder's own
     Python runs only when it is lmp's modeling file or with `trust_remote_code` (remote_code.py)."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
     from transformers.utils import logging as hf_logging
 
     if backend not in BACKENDS:
@@ -80,15 +81,9 @@ def load_scoring_model(
         raise LmpError(f"{folder} does not fit the {backend} backend{wrong_kind}")
     trust = remote_code.trust_remote_code(folder, trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            folder, padding_side="right", trust_remote_code=trust, local_files_only=True
-        )
-        model = auto.from_pretrained(folder, trust_remote_code=trust, local_files_only=True)
-    except Exception as exc:  # transformers raises many kinds; the user needs one line
-        first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise LmpError(
-            f"cannot load {folder} for the {backend} backend: {first_line}{_load_hint(folder, backend)}"
-        ) from None
+        tokenizer, model = load_pretrained(folder, auto, trust, padding_side="right")
+    except LmpError as exc:
+        raise LmpError(f"{exc}{_load_hint(folder, backend)}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise LmpError(
             f"{folder}: the tokenizer is not a fast tokenizer, and scoring needs character offsets; "
