@@ -509,6 +509,10 @@ def bench(
 
     if json_out is not None:
         output_file(json_out, "--json", replaces=("models", "ratios"))
+    if set_ and recipe is None:
+        raise LmpError(
+            "--set changes a recipe's fields: give the RECIPE, or set the shape with --hidden, --seq, ..."
+        )
     shape = shape_from_recipe(recipe, set_) if recipe is not None else Shape()
     given = {"hidden": hidden, "layers": layers, "heads": heads, "vocab": vocab, "seq": seq, "batch": batch}
     shape = replace(shape, **{k: v for k, v in given.items() if v is not None})

@@ -151,3 +151,13 @@ def test_bench_compiled_rows_include_transformers_compiled_as_the_hf_trainer_run
     assert losses[LMP] == pytest.approx(losses[LMP_COMPILED], rel=0.02)
     assert losses[HF_COMPILED] == pytest.approx(losses[LMP], rel=0.05)
     assert result.ratios[f"{LMP_COMPILED} / {HF_COMPILED}"] > 0
+
+
+def test_set_without_a_recipe_and_a_foreign_json_are_refused(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--set", "model.num_heads=3", "--steps", "1", "--no-prep"])
+    assert result.exit_code == 2 and "give the RECIPE" in result.output, result.output
+    config = tmp_path / "config.json"
+    config.write_text('{"model_type": "llama"}')
+    result = CliRunner().invoke(app, ["bench", "--steps", "1", "--no-prep", "--json", str(config)])
+    assert result.exit_code == 2 and "will not write over it" in result.output, result.output
+    assert config.read_text() == '{"model_type": "llama"}'

@@ -348,6 +348,14 @@ def test_cli_eval_writes_tables_json_and_predictions(tiny_run, tmp_path):
     assert len(predictions["regular_plural_subject_verb_agreement_1"]["predictions"]) == 30
 
 
+def test_an_empty_task_file_or_a_missing_data_dir_is_named(tmp_path):
+    (tmp_path / "adjunct_island.jsonl").write_text("")
+    with pytest.raises(LmpError, match="adjunct_island.jsonl holds no rows"):
+        load_task("blimp", tmp_path)
+    with pytest.raises(LmpError, match="gone does not exist"):
+        load_task("blimp", tmp_path / "gone")
+
+
 def test_cli_eval_reports_a_missing_data_folder(tiny_run, tmp_path):
     result = CliRunner().invoke(app, ["eval", str(tiny_run), "--tasks", "ewok", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2

@@ -45,9 +45,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise LmpError(f"cannot read task file {path}: {exc}") from None
-    return [
+    rows = [
         row for _, row in json_objects(enumerate(lines, start=1), path, "re-download the evaluation data")
     ]
+    if not rows:  # an empty task would drop out of the averages unseen
+        raise LmpError(f"task file {path} holds no rows; re-download the evaluation data")
+    return rows
 
 
 def _need(row: dict[str, Any], keys: tuple[str, ...], path: Path, number: int) -> None:
@@ -182,6 +185,11 @@ def locate(task: str, data_dir: Path, fast: bool = False) -> Path:
     # a plain folder of BLiMP files (e.g. the original release) is accepted for blimp
     if task == "blimp" and any(data_dir.glob("*.jsonl")):
         return data_dir
+    if not data_dir.exists():
+        raise LmpError(
+            f"no data for task {task}: {data_dir} does not exist; point --data-dir (eval.data_dir in a "
+            "recipe) at the BabyLM evaluation_data folder"
+        )
     raise LmpError(
         f"no data for task {task} under {data_dir} (looked for {', '.join(str(t) for t in tried)}); "
         f"point --data-dir (eval.data_dir in a recipe) at the BabyLM evaluation_data folder, or leave "
