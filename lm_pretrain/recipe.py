@@ -10,7 +10,7 @@ import re
 import string
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -185,13 +185,17 @@ class MuonConfig(Section):
     ns_steps: int = Field(5, ge=1, description="Newton-Schulz iterations of the orthogonalisation")
 
 
+# Adam's decay rates: each in [0, 1)
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
 class OptimConfig(Section):
     kind: Literal["adamw", "muon"] = Field(
         "adamw", description="muon: Muon for hidden matrices, AdamW (lr, betas) for the rest"
     )
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(2e-3, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null disables clipping")
     muon: MuonConfig = MuonConfig()

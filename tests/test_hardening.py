@@ -202,3 +202,38 @@ def test_export_of_a_missing_run_says_it_does_not_exist(tmp_path):
     out = _refused(_invoke(["export", missing, "--milestones", tmp_path / "out"]))
     assert "does not exist" in out and str(missing) in out.replace("\n", ""), out
     assert "no milestone" not in out
+
+
+def test_runs_and_caches_inside_the_corpus_folder_are_refused(bible_corpus, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = [json.loads(line)["text"] for line in bible_corpus.read_text().splitlines()]
+    (corpus / "bible.txt").write_text("\n".join(texts) + "\n")
+
+    def train(cache: Path, out: Path) -> str:
+        args = tiny_run_args(corpus, cache, 2, **{"data.source_field": "null"})
+        result = CliRunner().invoke(app, ["train", *args, "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        return result.output
+
+    assert "inside the corpus folder" in train(tmp_path / "cache", corpus / "run")
+    assert "inside the corpus folder" in train(corpus / "cache", tmp_path / "run")
+    assert sorted(p.name for p in corpus.iterdir()) == ["bible.txt"]
+
+
+def test_a_corpus_of_one_document_repeated_has_no_training_split(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the cat sat on the mat\n" * 2000)
+    result = CliRunner().invoke(
+        app,
+        ["data", "prepare", str(ROOT / "recipes/demo.yaml"), "--set", f"data.path={corpus}",
+         "--set", f"data.cache_dir={tmp_path / 'cache'}"],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "the training split is empty" in result.output, result.output
+
+
+def test_adam_betas_and_an_infinite_lr_are_recipe_errors():
+    for override, named in (("optim.betas=[2, 0.9]", "optim.betas"), ("optim.lr=inf", "optim.lr")):
+        with pytest.raises(LmpError, match=named):
+            load_recipe(ROOT / "recipes/demo.yaml", [override])

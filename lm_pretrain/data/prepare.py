@@ -34,7 +34,7 @@ from lm_pretrain.data.corpus import Document, corpus_fingerprint, read_corpus, s
 from lm_pretrain.data.metadata import with_metadata
 from lm_pretrain.data.shards import FORMAT_VERSION, META, TokenShard, build_shards, open_shard, read_meta
 from lm_pretrain.data.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
-from lm_pretrain.errors import LmpError
+from lm_pretrain.errors import LmpError, check_writable
 from lm_pretrain.recipe import Recipe
 
 TOKENIZER_FORMAT_VERSION = 2  # 2: long non-space runs split before BPE
@@ -58,6 +58,19 @@ class PreparedData:
 def cache_root(recipe: Recipe) -> Path:
     root = recipe.data.cache_dir or os.environ.get("LMP_CACHE") or "~/.cache/lmp"
     return Path(root).expanduser()
+
+
+def check_outside_corpus(recipe: Recipe, path: Path, what: str) -> None:
+    """Refuse a folder lmp writes inside the corpus folder: its files would be read as corpus
+    text the next time the data is prepared (and a run could then never resume)."""
+    corpus = Path(recipe.data.path).expanduser()
+    if recipe.data.path.startswith("builtin:") or not corpus.is_dir():
+        return
+    if path.expanduser().resolve().is_relative_to(corpus.resolve()):
+        raise LmpError(
+            f"{what} {path} is inside the corpus folder {recipe.data.path}, whose files are all read "
+            "as training text; put it outside that folder"
+        )
 
 
 def _key(*parts: str | bytes) -> str:
@@ -214,13 +227,21 @@ def prepare_data(recipe: Recipe, console: Console | None = None, show_progress: 
     """Read, split and tokenize the recipe's corpus, reusing cached tokenizers and shards.
     Reports go to `console`; with None (e.g. non-main training processes) nothing is printed."""
     console = console or Console(quiet=True)
+    root = cache_root(recipe)
+    check_outside_corpus(recipe, root, "data.cache_dir")
+    check_writable(root, "data.cache_dir")
     docs = read_corpus(recipe.data)
     train_docs, val_docs = split_documents(docs, recipe.data.validation_fraction)
+    if docs and not train_docs:
+        raise LmpError(
+            f"the training split is empty: the {len(docs):,} documents of {recipe.data.path} are copies "
+            "of one another, and copies all go to validation so that none leaks into training; "
+            "train on a corpus of different documents"
+        )
     splits = {"train": train_docs, "val": val_docs}
     counts = {name: word_counts(split) for name, split in splits.items()}
     console.print(_corpus_table(recipe, splits, counts))
 
-    root = cache_root(recipe)
     for folder in (root / "tokenizers", root / "shards"):
         remove_stale_temps(folder)  # left by a prepare killed mid-write
     tok, tok_path = _prepare_tokenizer(recipe, train_docs, root, console, show_progress)

@@ -10,7 +10,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from lm_pretrain.data.prepare import PreparedData
+from lm_pretrain.data.prepare import PreparedData, check_outside_corpus
 from lm_pretrain.errors import LmpError, check_writable
 from lm_pretrain.recipe import Recipe, load_recipe, recipe_changes
 from lm_pretrain.run_folder import (
@@ -154,7 +154,13 @@ def check_same_data(checkpoint: Path, state: dict, data: PreparedData, recipe: R
     would read other token ids, and its data position would point into other text."""
     saved = checkpoint / "tokenizer.json"
     if saved.is_file():
-        before = Tokenizer.from_file(str(saved)).get_vocab()
+        try:
+            before = Tokenizer.from_file(str(saved)).get_vocab()
+        except Exception as exc:  # the tokenizers library raises bare Exceptions
+            raise LmpError(
+                f"{saved} is damaged ({exc}); restore it from the run's tokenizer/ folder, or move "
+                f"{checkpoint.name} out of {checkpoint.parent}"
+            ) from None
         moved = sum(before.get(token) != i for token, i in data.tokenizer.get_vocab().items())
         if moved:
             raise LmpError(
@@ -205,6 +211,7 @@ def plan_start(recipe: Recipe, run_dir: Path, branch: Branch | None, resume: boo
             "above 0 (0.01 is usual)"
         )
     check_writable(run_dir, "run folder")
+    check_outside_corpus(recipe, run_dir, "run folder")
     checkpoint, branch_record = _start_state(run_dir, branch, resume)
     changes = []
     previous = None
