@@ -202,8 +202,8 @@ def read_checkpoint(path: Path, rank: int = 0) -> Checkpoint:
     except Exception as exc:  # noqa: BLE001 - any unreadable file means the same to the user
         raise LmpError(
             f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); it was damaged after it "
-            "was written. Move it aside: a resume then starts from the previous checkpoint (a branch "
-            "needs another checkpoint to start from)."
+            f"was written. Move it aside, out of {path.parent} (e.g. mv {path} {path.parent.parent}/{path.name}.damaged): "
+            "a resume then starts from the previous checkpoint (a branch needs another checkpoint to start from)."
         ) from None
     return Checkpoint(weights, optimizer_state, rng, state)
 

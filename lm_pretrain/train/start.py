@@ -15,9 +15,11 @@ from lm_pretrain.errors import LmpError, check_writable
 from lm_pretrain.recipe import Recipe, load_recipe, recipe_changes
 from lm_pretrain.run_folder import (
     BRANCH_FILE,
+    CHECKPOINTS_DIR,
     FINAL_DIR,
     RECIPE_FILE,
     STATE_FILE,
+    STATUS_FILE,
     SUMMARY_FILE,
     is_run_folder,
     read_json,
@@ -104,7 +106,12 @@ def _start_state(run_dir: Path, branch: Branch | None, resume: bool) -> tuple[Pa
     if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_folder(run_dir):
         raise LmpError(
             f"--out {run_dir} is not empty and holds no lmp run (no status.json); "
-            "train into a new folder so nothing in it is overwritten"
+            + (
+                "if it is a run whose status.json was lost, write one to resume it: "
+                f'echo \'{{"state": "stopped"}}\' > {run_dir}/{STATUS_FILE}'
+                if (run_dir / CHECKPOINTS_DIR).is_dir()
+                else "train into a new folder so nothing in it is overwritten"
+            )
         )
     existing = step_checkpoints(run_dir)
     record = read_json(run_dir / BRANCH_FILE, "train into a new folder with --out")
