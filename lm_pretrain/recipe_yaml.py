@@ -128,6 +128,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         raise LmpError(
             f"{path} is a run folder, not a recipe; to resume it: lmp train {path / RECIPE_FILE} --out {path}"
         )
+    if path.is_dir():
+        raise LmpError(f"{path} is a folder; give a recipe file, e.g. {path / 'recipe.yaml'}")
     if not path.is_file():
         raise LmpError(f"recipe file {path} does not exist")
     try:
@@ -145,7 +147,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
             "write the values out"
         ) from None
     except yaml.YAMLError as exc:
-        raise LmpError(f"recipe {path} is not valid YAML: {exc}") from None
+        raise LmpError(f"recipe {_yaml_problem(exc, path)}") from None
     if not isinstance(raw, dict):
         raise LmpError(f"recipe {path} must be a mapping of fields, got {type(raw).__name__}")
     parent = raw.pop("extends", None)
@@ -157,6 +159,15 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         raise LmpError(f"{path}: extends {parent!r}, but {path.parent / parent} does not exist")
     base = _read_yaml(path.parent / parent, chain + (path,))
     return _deep_merge(base, raw)
+
+
+def _yaml_problem(exc: yaml.YAMLError, path: Path) -> str:
+    """'FILE:LINE:COLUMN is not valid YAML: problem' from a parser error (PyYAML's own text spans
+    several lines and names no file)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    return f"{where} is not valid YAML: {problem}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

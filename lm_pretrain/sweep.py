@@ -20,7 +20,10 @@ from rich.console import Console
 
 from lm_pretrain.errors import LmpError, check_writable
 from lm_pretrain.recipe import Recipe, load_recipe
+from lm_pretrain.run_folder import is_run_folder
 from lm_pretrain.runs import Run
+
+SWEEP_PLOT, SWEEP_SCRIPT = "sweep.png", "sweep.sbatch"
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,21 @@ def plan_sweep(
         except LmpError as exc:
             raise LmpError(f"sweep point {point.name}: {exc}") from None
         plan.append((point, recipe, folder / point.name))
+    _check_sweep_folder(folder)
     return folder, plan
+
+
+def _check_sweep_folder(folder: Path) -> None:
+    """A sweep writes only into a new folder or an earlier sweep's (which it continues)."""
+    if is_run_folder(folder):
+        raise LmpError(f"--out {folder} is a training run; give the sweep a folder of its own")
+    entries = list(folder.iterdir()) if folder.is_dir() else []
+    earlier = any(p.name in (SWEEP_PLOT, SWEEP_SCRIPT) or (p.is_dir() and is_run_folder(p)) for p in entries)
+    if entries and not earlier:
+        raise LmpError(
+            f"--out {folder} is not empty and holds no lmp sweep; give a new folder so nothing in it "
+            "is overwritten"
+        )
 
 
 def sort_by_validation(runs: list[Run]) -> list[Run]:
@@ -138,7 +155,7 @@ def run_sweep(
     check_writable(folder, "--out")
     if slurm:
         folder.mkdir(parents=True, exist_ok=True)
-        script = folder / "sweep.sbatch"
+        script = folder / SWEEP_SCRIPT
         script.write_text(slurm_script(recipe, sets, plan))
         console.print(
             f"wrote {script} ({len(plan)} array tasks); submit it with: sbatch {script}", highlight=False
@@ -157,7 +174,7 @@ def run_sweep(
             console.print(f"{point.name} already trained; skipped", highlight=False)
     found = sort_by_validation([load_run(run_dir) for _, _, run_dir in plan])
     console.print(runs_table(found, root=folder))
-    plot_runs([run.path for run in found], folder / "sweep.png", warn=lambda m: None)
+    plot_runs([run.path for run in found], folder / SWEEP_PLOT, warn=lambda m: None)
     minutes = (time.perf_counter() - began) / 60
     console.print(
         f"best: {found[0].name} | plot: {folder / 'sweep.png'} | {minutes:.1f} min", highlight=False

