@@ -237,3 +237,20 @@ def test_adam_betas_and_an_infinite_lr_are_recipe_errors():
     for override, named in (("optim.betas=[2, 0.9]", "optim.betas"), ("optim.lr=inf", "optim.lr")):
         with pytest.raises(LmpError, match=named):
             load_recipe(ROOT / "recipes/demo.yaml", [override])
+
+
+def test_weights_of_another_shape_name_the_first_tensor_in_one_line(tmp_path):
+    from lm_pretrain.model.decoder import Decoder, DecoderConfig
+    from lm_pretrain.train.checkpoint import Checkpoint, load_weights
+
+    def decoder(hidden: int) -> Decoder:
+        return Decoder(DecoderConfig(vocab_size=64, hidden_size=hidden, num_layers=1, num_heads=2,
+                                     num_kv_heads=2, intermediate_size=2 * hidden, max_seq_len=16))  # fmt: skip
+
+    saved = Checkpoint(dict(decoder(32).state_dict()), {}, None, {})
+    with pytest.raises(
+        LmpError, match=r"model\.embed_tokens\.weight is \[64, 32\] there, \[64, 16\] by the recipe"
+    ) as info:
+        load_weights(decoder(16), saved, tmp_path)
+    assert "\n" not in str(info.value)
+    load_weights(decoder(32), saved, tmp_path)  # the same shape loads

@@ -212,7 +212,18 @@ def load_weights(model: Decoder, checkpoint: Checkpoint, path: Path) -> None:
     weights = dict(checkpoint.weights)
     if model.config.tie_embeddings and "lm_head.weight" not in weights:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    expected = model.state_dict()
+    for name, tensor in expected.items():  # named first: torch lists every mismatch over many lines
+        found = weights.get(name)
+        if found is not None and found.shape != tensor.shape:
+            raise LmpError(
+                f"checkpoint {path} does not fit this recipe's model: {name} is {list(found.shape)} there, "
+                f"{list(tensor.shape)} by the recipe; train with the recipe the run was started with "
+                "(its model section), or into a new folder with --out"
+            )
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
-        raise LmpError(f"checkpoint {path} does not fit this recipe's model: {exc}") from None
+        first = str(exc).strip().splitlines()
+        missing = " ".join(first[:2]) if first else type(exc).__name__
+        raise LmpError(f"checkpoint {path} does not fit this recipe's model: {missing}") from None
