@@ -147,12 +147,14 @@ def save_hf_tokenizer(tok: Tokenizer, out_dir: Path, cfg: TokenizerConfig, model
     (out_dir / "special_tokens_map.json").write_text(json.dumps(tokens_map, indent=2) + "\n")
 
 
-def first_token_difference(student: Tokenizer, teacher: Tokenizer) -> str | None:
-    """The first token id the two tokenizers map differently, described (None: the same)."""
-    ours = {i: token for token, i in student.get_vocab().items()}
-    theirs = {i: token for token, i in teacher.get_vocab().items()}
-    for i in range(max(len(ours), len(theirs))):
-        if ours.get(i) != theirs.get(i):
+def first_token_difference(
+    ours: Tokenizer, theirs: Tokenizer, names: tuple[str, str] = ("the student", "the teacher")
+) -> str | None:
+    """The first token id the two tokenizers map differently, described with `names` (None: the same)."""
+    a = {i: token for token, i in ours.get_vocab().items()}
+    b = {i: token for token, i in theirs.get_vocab().items()}
+    for i in range(max(len(a), len(b))):
+        if a.get(i) != b.get(i):
             describe = lambda token: "no token" if token is None else repr(token)  # noqa: E731
-            return f"id {i} is {describe(ours.get(i))} for the student and {describe(theirs.get(i))} for the teacher"
+            return f"id {i} is {describe(a.get(i))} for {names[0]} and {describe(b.get(i))} for {names[1]}"
     return None

@@ -652,7 +652,9 @@ def load_ensemble(
     first = members[0]
     for other in members[1:]:
         difference = first_token_difference(
-            first.tokenizer.backend_tokenizer, other.tokenizer.backend_tokenizer
+            first.tokenizer.backend_tokenizer,
+            other.tokenizer.backend_tokenizer,
+            (str(first.folder), str(other.folder)),
         )
         if difference is not None:
             raise LmpError(
