@@ -274,8 +274,11 @@ def generate(
     """Sample a continuation of a prompt."""
     from lm_pretrain.generate import generate as sample
 
+    def note(message: str) -> None:
+        err_console.print(f"[yellow]note:[/] {escape(message)}", highlight=False)
+
     text = sample(
-        model, prompt, max_new_tokens, temperature, top_k, seed, _newlines(prefix), trust_remote_code
+        model, prompt, max_new_tokens, temperature, top_k, seed, _newlines(prefix), trust_remote_code, note
     )
     typer.echo(text)  # verbatim
 

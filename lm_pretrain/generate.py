@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -122,6 +123,7 @@ def generate(
     seed: int = 0,
     prefix: str = "",
     trust_remote_code: bool = False,
+    warn: Callable[[str], None] = lambda _: None,
 ) -> str:
     """Sample a continuation of `prompt` with transformers' generate (offline, local files only).
 
@@ -139,6 +141,13 @@ def generate(
     model.eval()
     torch.manual_seed(seed)
     encoded = tokenizer(prefix + prompt, return_tensors="pt")
+    length = encoded["input_ids"].shape[1] + max_new_tokens
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and length > context:
+        warn(
+            f"the prompt and --max-new-tokens make {length} tokens, past the {context} the model was "
+            "trained on: text beyond that is unreliable"
+        )
     with torch.no_grad():
         out = model.generate(
             **encoded,

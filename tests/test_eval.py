@@ -607,6 +607,13 @@ def test_generate_prints_text_verbatim(tiny_run):
     assert result.output.startswith(prompt)
 
 
+def test_generate_notes_text_past_the_trained_context(tiny_run):
+    result = CliRunner().invoke(app, ["generate", str(tiny_run), "--prompt", "The", "--max-new-tokens", "80"])
+    assert result.exit_code == 0 and "past the 64 the model was trained on" in result.output, result.output
+    result = CliRunner().invoke(app, ["generate", str(tiny_run), "--prompt", "The", "--max-new-tokens", "8"])
+    assert result.exit_code == 0 and "trained on" not in result.output
+
+
 def test_default_tasks_are_those_found_under_data_dir(tmp_path):
     from lm_pretrain.eval.runner import parse_tasks
 
