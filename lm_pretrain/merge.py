@@ -314,7 +314,7 @@ def merge_checkpoints(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    notes = _notes(inputs, paths, run, method)
+    notes = _notes(inputs, paths, run, method, last_k)
     if dropped:
         notes.append(
             f"the inputs ask to run their own Python ({', '.join(dropped)}); the merged folder leaves it out "
@@ -329,8 +329,14 @@ def _run_root(folder: Path) -> Path | None:
     return None if run_dir is None else root_run(run_dir)
 
 
-def _notes(inputs: list[MergeInput], paths: list[Path], run: Path | None, method: str) -> list[str]:
+def _notes(
+    inputs: list[MergeInput], paths: list[Path], run: Path | None, method: str, last_k: int | None
+) -> list[str]:
     notes = []
+    if len(inputs) == 1:
+        notes.append(f"one input ({inputs[0].path}): the output is a copy of its weights")
+    elif last_k is not None and len(inputs) < last_k:
+        notes.append(f"--last-k {last_k}: the run has {len(inputs)} checkpoints, all merged")
     roots = {_run_root(i.path) for i in inputs} - {None}
     if len(roots) > 1:
         notes.append(

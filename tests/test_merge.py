@@ -488,3 +488,12 @@ def test_output_inside_what_training_wrote_is_refused(run, tmp_path):
     assert not (run / "checkpoints" / "avg").exists()
     # a folder of the user's own beside them is fine
     cli(["merge-checkpoints", *inputs, "--out", tmp_path / "elsewhere"])
+
+
+def test_one_input_and_a_last_k_past_the_checkpoints_are_noted(run, tmp_path):
+    output = cli(["merge-checkpoints", checkpoints(run)[-1], "--out", tmp_path / "one"])
+    assert "note: one input" in output and "a copy of its weights" in output
+    output = cli(["merge-checkpoints", "--run", run, "--last-k", 100, "--out", tmp_path / "all"])
+    assert "--last-k 100: the run has" in output and "all merged" in output
+    output = cli(["merge-checkpoints", "--run", run, "--last-k", 2, "--out", tmp_path / "two"])
+    assert "note:" not in output
