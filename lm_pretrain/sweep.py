@@ -38,7 +38,7 @@ def parse_grid(grids: list[str]) -> list[tuple[str, list[str]]]:
     for text in grids:
         key, sep, values = text.partition("=")
         key = key.strip()
-        chosen = [v.strip() for v in values.split(",") if v.strip()]
+        chosen = [v.strip() for v in _top_level_items(values) if v.strip()]
         if not sep or not key or not chosen:
             raise LmpError(
                 f"--grid {text!r}: expected key.path=value1,value2,..., e.g. --grid optim.lr=1e-3,2e-3"
@@ -51,6 +51,18 @@ def parse_grid(grids: list[str]) -> list[tuple[str, list[str]]]:
     if not parsed:
         raise LmpError("lmp sweep needs at least one --grid key.path=value1,value2")
     return list(parsed.items())
+
+
+def _top_level_items(values: str) -> list[str]:
+    """`a,[b,c],{d: e}` -> ["a", "[b,c]", "{d: e}"]: commas inside brackets belong to a value,
+    so list-valued fields (optim.betas=[0.9,0.95],[0.9,0.99]) can be swept."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(values):
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth == 0:
+            items.append(values[start:i])
+            start = i + 1
+    return [*items, values[start:]]
 
 
 def _label(value: str) -> str:

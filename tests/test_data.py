@@ -448,3 +448,11 @@ def test_prepare_without_validation_split(small_corpus, tmp_path):
     assert prepared.train.n_docs == len(read_corpus(DataConfig(path=str(small_corpus))))
     again = prepare_data(_recipe(small_corpus, tmp_path / "cache", validation_fraction=0.0), _quiet(), False)
     assert again.reused and again.val.n_tokens == 0
+
+
+def test_a_cache_meta_of_the_wrong_json_shape_is_named(tmp_path):
+    from lm_pretrain.data.shards import META
+
+    (tmp_path / META).write_text("[1]")
+    with pytest.raises(LmpError, match="damaged \\(not a JSON object\\); delete the cache folder"):
+        open_shard(tmp_path, "train")

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_run_args
+from conftest import ROOT, tiny_run_args
 from lm_pretrain.cli import app
 from lm_pretrain.errors import LmpError
+from lm_pretrain.recipe import load_recipe
 from lm_pretrain.runs import best_val_loss, load_run
 from lm_pretrain.sweep import grid_points, parse_grid
 
@@ -91,3 +92,12 @@ def test_a_sweep_never_writes_into_a_folder_of_other_files(bible_corpus, tmp_pat
     result = sweep(bible_corpus, tmp_path, "optim.lr=3e-4,3e-3")
     assert result.exit_code == 2 and "holds no lmp sweep" in result.output, result.output
     assert [p.name for p in (tmp_path / "sweep").iterdir()] == ["notes.txt"]
+
+
+def test_list_values_keep_their_commas_and_reach_the_recipe():
+    grid = parse_grid(["optim.betas=[0.9,0.95],[0.9,0.99]", "optim.lr=1e-3"])
+    assert grid == [("optim.betas", ["[0.9,0.95]", "[0.9,0.99]"]), ("optim.lr", ["1e-3"])]
+    points = grid_points(grid)
+    assert [p.name for p in points] == ["betas-0.9-0.95_lr-1e-3", "betas-0.9-0.99_lr-1e-3"]
+    recipe = load_recipe(ROOT / "recipes/demo.yaml", list(points[1].overrides))
+    assert recipe.optim.betas == (0.9, 0.99)

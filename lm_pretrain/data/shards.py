@@ -219,6 +219,8 @@ def read_meta(folder: Path) -> dict:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise LmpError(f"token cache file {path} is not valid JSON; {fix}") from None
+    if not isinstance(meta, dict):
+        raise LmpError(f"token cache file {path} is damaged (not a JSON object); {fix}")
     if meta.get("complete") is not True:
         raise LmpError(f'token cache {folder} is incomplete ({META} lacks "complete": true); {fix}')
     if meta.get("format_version") != FORMAT_VERSION:
