@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from lm_pretrain.errors import LmpError, check_writable
 from lm_pretrain.recipe import Recipe, load_recipe
-from lm_pretrain.run_folder import is_run_folder
+from lm_pretrain.run_folder import METRICS_FILE, is_run_folder
 from lm_pretrain.runs import Run
 
 SWEEP_PLOT, SWEEP_SCRIPT = "sweep.png", "sweep.sbatch"
@@ -174,9 +175,18 @@ def run_sweep(
         )
         return
     began = time.perf_counter()
+    failed = []
     for i, (point, loaded, run_dir) in enumerate(plan, start=1):
         console.rule(f"sweep {i}/{len(plan)}: {point.name}")
-        result = train(loaded, run_dir, console=console)
+        try:
+            result = train(loaded, run_dir, console=console)
+        except LmpError as exc:
+            if not (run_dir / METRICS_FILE).is_file():
+                raise  # it failed before training (data, paths): every point would
+            # it failed while training (e.g. diverged at a high lr): the other points still run
+            console.print(f"[red]{point.name} failed:[/] {escape(str(exc))}", highlight=False)
+            failed.append(point.name)
+            continue
         if result.stopped_by_signal:
             console.print(
                 f"sweep stopped in {point.name}; run the same command to resume it", highlight=False
@@ -191,3 +201,7 @@ def run_sweep(
     console.print(
         f"best: {found[0].name} | plot: {folder / 'sweep.png'} | {minutes:.1f} min", highlight=False
     )
+    if failed:
+        raise LmpError(
+            f"{len(failed)} of {len(plan)} sweep points failed ({', '.join(failed)}); their messages are above"
+        )

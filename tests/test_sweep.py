@@ -101,3 +101,11 @@ def test_list_values_keep_their_commas_and_reach_the_recipe():
     assert [p.name for p in points] == ["betas-0.9-0.95_lr-1e-3", "betas-0.9-0.99_lr-1e-3"]
     recipe = load_recipe(ROOT / "recipes/demo.yaml", list(points[1].overrides))
     assert recipe.optim.betas == (0.9, 0.99)
+
+
+def test_a_point_that_diverges_does_not_stop_the_others(bible_corpus, tmp_path):
+    result = sweep(bible_corpus, tmp_path, "optim.lr=1e30,3e-3", extra=("--set", "train.skip_nonfinite=0"))
+    assert result.exit_code == 2, result.output
+    assert "lr-1e30 failed" in result.output and "1 of 2 sweep points failed (lr-1e30)" in result.output
+    assert load_run(tmp_path / "sweep" / "lr-3e-3").status["state"] == "finished"
+    assert (tmp_path / "sweep" / "sweep.png").is_file()
