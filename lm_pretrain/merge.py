@@ -42,10 +42,9 @@ from lm_pretrain.merge_inputs import (
 from lm_pretrain.run_folder import (
     CHECKPOINTS_DIR,
     RECIPE_FILE,
-    RUN_OWNED,
     STATE_FILE,
     STATUS_FILE,
-    is_run_folder,
+    check_outside_run,
     read_json,
     root_run,
     run_of_checkpoint,
@@ -368,13 +367,7 @@ def _check_output(out: Path, folders: list[Path], force: bool) -> None:
         raise LmpError(
             f"--out {out} is a training run ({', '.join(run_files)}); it is never replaced, pick another folder"
         )
-    # nor what training writes in one: its final models, checkpoints and tokenizer
-    run = next((p for p in resolved.parents if is_run_folder(p)), None)
-    if run is not None and resolved.relative_to(run).parts[0] in RUN_OWNED:
-        raise LmpError(
-            f"--out {out} is part of the training run {run}; pick a folder outside its "
-            f"{', '.join(sorted(RUN_OWNED))}"
-        )
+    check_outside_run(out, "--out")  # nor what training writes in one
     if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise LmpError(
             f"--out {out} holds files but no model (config.json); it is not replaced, pick another folder"

@@ -19,9 +19,8 @@ from lm_pretrain.run_folder import (
     BRANCH_FILE,
     CHECKPOINTS_DIR,
     FINAL_DIR,
-    RUN_OWNED,
     STATE_FILE,
-    is_run_folder,
+    check_outside_run,
     read_json,
 )
 
@@ -101,10 +100,7 @@ def export_milestones(
             f"{run_dir} has no milestone checkpoints (checkpoints/chck_<N>M); they are written "
             "when training passes 1M, 2M, ... words seen"
         )
-    resolved = out.resolve()
-    run = next((p for p in (resolved, *resolved.parents) if is_run_folder(p)), None)
-    if run is not None and (resolved == run or resolved.relative_to(run).parts[0] in RUN_OWNED):
-        raise LmpError(f"--milestones {out} is part of the training run {run}; pick a folder outside it")
+    check_outside_run(out, "--milestones")
     if out.exists() and not out.is_dir():
         raise LmpError(f"--milestones {out} is a file; pick a folder name")
     if out.exists() and any(out.iterdir()):

@@ -41,12 +41,24 @@ LOCK_FILE = ".lock"
 PROGRESS_FILE = "progress.png"
 STATE_FILE = "trainer_state.json"  # in each checkpoint, written last: it marks the checkpoint complete
 # what training writes in a run folder: commands that write folders keep out of these
-RUN_OWNED = (CHECKPOINTS_DIR, FINAL_DIR, FINAL_AVERAGE_DIR, TOKENIZER_DIR)
+_RUN_OWNED = (CHECKPOINTS_DIR, FINAL_DIR, FINAL_AVERAGE_DIR, TOKENIZER_DIR)
 
 
 def is_run_folder(path: Path) -> bool:
     """Whether lmp created `path` as a run (it writes status.json before anything else)."""
     return (path / STATUS_FILE).is_file()
+
+
+def check_outside_run(path: Path, option: str) -> None:
+    """Refuse an output folder that is a run, or lies in what training writes in one (its final
+    models, checkpoints, tokenizer), so that no command replaces or adds to them."""
+    resolved = path.resolve()
+    run = next((p for p in (resolved, *resolved.parents) if is_run_folder(p)), None)
+    if run is not None and (resolved == run or resolved.relative_to(run).parts[0] in _RUN_OWNED):
+        raise LmpError(
+            f"{option} {path} is part of the training run {run}; pick a folder outside its "
+            f"{', '.join(sorted(_RUN_OWNED))}"
+        )
 
 
 def read_json(path: Path, fix: str = "") -> dict[str, Any] | None:

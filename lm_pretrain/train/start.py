@@ -104,15 +104,13 @@ def _start_state(run_dir: Path, branch: Branch | None, resume: bool) -> tuple[Pa
     if run_dir.exists() and not run_dir.is_dir():
         raise LmpError(f"--out {run_dir} is a file; give a folder for the run, e.g. runs/<name>")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_folder(run_dir):
-        raise LmpError(
-            f"--out {run_dir} is not empty and holds no lmp run (no status.json); "
-            + (
+        fix = "train into a new folder so nothing in it is overwritten"
+        if (run_dir / CHECKPOINTS_DIR).is_dir():
+            fix = (
                 "if it is a run whose status.json was lost, write one to resume it: "
                 f'echo \'{{"state": "stopped"}}\' > {run_dir}/{STATUS_FILE}'
-                if (run_dir / CHECKPOINTS_DIR).is_dir()
-                else "train into a new folder so nothing in it is overwritten"
             )
-        )
+        raise LmpError(f"--out {run_dir} is not empty and holds no lmp run (no status.json); {fix}")
     existing = step_checkpoints(run_dir)
     record = read_json(run_dir / BRANCH_FILE, "train into a new folder with --out")
     if existing:
